@@ -1,0 +1,49 @@
+"""Shared fixtures: a local Ray instance on 127.0.0.1 and the opt-in CIFAR-10 data.
+
+Ray stays on loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) with 2 CPUs; one instance
+serves the whole session. Tests that need Ray take the ``ray_cluster`` fixture.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CIFAR_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray instance (2 CPUs, loopback) for the whole test session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            namespace="npid-tests",
+        )
+    yield ray
+    ray.shutdown()
+
+
+def cifar_enabled() -> bool:
+    """Opt-in CIFAR-10 tests: NPID_CIFAR_TESTS=1 and the archive beside the repo."""
+    return os.environ.get("NPID_CIFAR_TESTS") == "1" and CIFAR_ARCHIVE.is_file()
+
+
+def pytest_collection_modifyitems(config, items):
+    if cifar_enabled():
+        return
+    skip = pytest.mark.skip(reason="opt-in: set NPID_CIFAR_TESTS=1 with ../shared/data present")
+    for item in items:
+        if "cifar" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,392 @@
+"""Image encoders: an image batch ``[B, 3, H, W]`` to L2-normalized embeddings ``[B, low_dim]``.
+
+Three architectures, picked by name in :func:`build_encoder`:
+
+- ``"resnet18"`` / ``"resnet50"``: torchvision's ResNet whose ``fc`` *is* the linear head to
+  ``low_dim`` (``torchvision.models.resnet18(num_classes=low_dim)``), with the output divided by
+  its L2 norm. :class:`ResNetEncoder` subclasses torchvision's ``ResNet``, so ``state_dict()``
+  keys are exactly torchvision's (no wrapper prefix). ``cifar_stem=True`` swaps in the stem used
+  for 32x32 images: ``conv1`` 3x3 stride 1 padding 1 without bias, ``maxpool`` = ``Identity``.
+- ``"small"``: :class:`SmallConvNet`, a three-block convnet that trains in minutes on a laptop
+  CPU (the default for the built-in digits dataset). It is an ``nn.Sequential`` built from a
+  JSON-able layer list, so a plain ``torch.nn.Sequential`` rebuilt from that list loads its
+  weights.
+
+:func:`export_encoder` writes the final encoder as ``encoder.pt`` (a plain ``str -> Tensor``
+dict, loadable with ``torch.load(weights_only=True)``) and ``encoder.json`` (how to rebuild the
+network with plain torch/torchvision, without this project); :func:`load_encoder` reads them
+back. Models are pure: torch/torchvision only, no device moves, no distributed code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+ARCHS: tuple[str, ...] = ("resnet18", "resnet50", "small")
+"""Accepted values of ``arch``."""
+
+WEIGHTS_FILE = "encoder.pt"
+CONFIG_FILE = "encoder.json"
+EXPORT_FORMAT = "npid-encoder"
+EXPORT_FORMAT_VERSION = 1
+
+_RESNET_LAYERS: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
+# The CIFAR stem's conv1, as keyword arguments of torch.nn.Conv2d (written into encoder.json).
+_CIFAR_CONV1_KWARGS: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 64,
+    "kernel_size": 3,
+    "stride": 1,
+    "padding": 1,
+    "bias": False,
+}
+SMALL_WIDTHS: tuple[int, ...] = (32, 64, 128)
+"""Channel widths of the default :class:`SmallConvNet` blocks."""
+
+
+def _check_low_dim(low_dim: object) -> int:
+    if isinstance(low_dim, bool) or not isinstance(low_dim, int) or low_dim <= 0:
+        raise ValueError(f"low_dim must be a positive int, got {low_dim!r}")
+    return low_dim
+
+
+def _check_arch(arch: object) -> str:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    return str(arch)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """What :func:`build_encoder` needs; saved beside every checkpoint and exported encoder.
+
+    ``cifar_stem=None`` resolves in ``__post_init__``: ``False`` for every arch (torchvision's
+    ImageNet stem for the resnets; ``"small"`` has no stem option), so the stored config is
+    always concrete.
+    """
+
+    arch: str = "small"
+    """One of :data:`ARCHS`."""
+    low_dim: int = 128
+    """Embedding size ``d`` (the paper uses 128)."""
+    cifar_stem: bool | None = None
+    """ResNets only: 3x3 stride-1 ``conv1`` and no ``maxpool``, for 32x32 inputs."""
+
+    def __post_init__(self) -> None:
+        _check_arch(self.arch)
+        _check_low_dim(self.low_dim)
+        if self.cifar_stem is not None and not isinstance(self.cifar_stem, bool):
+            raise ValueError(f"cifar_stem must be a bool or None, got {self.cifar_stem!r}")
+        if self.arch == "small" and self.cifar_stem:
+            raise ValueError("cifar_stem=True applies to resnet archs only, not arch 'small'")
+        if self.cifar_stem is None:
+            object.__setattr__(self, "cifar_stem", False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of the (resolved) fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EncoderConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"encoder config must be a mapping, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown encoder config keys {unknown}; expected {sorted(names)}")
+        return cls(**data)
+
+
+class ResNetEncoder(ResNet):
+    """torchvision ResNet with ``fc: 2048|512 -> low_dim`` and L2-normalized output.
+
+    A subclass rather than a wrapper, so ``state_dict()`` keys and shapes equal those of
+    ``torchvision.models.resnet18(num_classes=low_dim)`` (resp. ``resnet50``) after the same
+    stem replacement. Weights are randomly initialized exactly as torchvision does; nothing is
+    downloaded.
+
+    Args:
+        arch: ``"resnet18"`` or ``"resnet50"``.
+        low_dim: output size ``d``.
+        cifar_stem: replace ``conv1`` by a 3x3 stride-1 conv (no bias) and ``maxpool`` by
+            ``Identity``, as for 32x32 images.
+    """
+
+    def __init__(self, arch: str = "resnet18", low_dim: int = 128, cifar_stem: bool = False):
+        if arch not in _RESNET_LAYERS:
+            raise ValueError(
+                f"unknown resnet arch {arch!r}; choose one of {sorted(_RESNET_LAYERS)}"
+            )
+        block, layers = _RESNET_LAYERS[arch]
+        super().__init__(block, layers, num_classes=_check_low_dim(low_dim))
+        self.arch = arch
+        self.low_dim = low_dim
+        self.cifar_stem = bool(cifar_stem)
+        if self.cifar_stem:
+            self.conv1 = nn.Conv2d(**_CIFAR_CONV1_KWARGS)
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+            self.maxpool = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, 3, H, W]`` -> unit rows ``[B, low_dim]``."""
+        return F.normalize(super().forward(x), dim=1)
+
+
+def small_layer_spec(
+    low_dim: int = 128, widths: tuple[int, ...] = SMALL_WIDTHS, in_channels: int = 3
+) -> list[dict[str, Any]]:
+    """The layers of :class:`SmallConvNet` as ``[{"class": "torch.nn.X", "kwargs": {...}}]``.
+
+    Block ``i``: ``Conv2d(3x3, bias=False) -> BatchNorm2d -> ReLU``, the first conv with
+    stride 2 (32x32 -> 16x16) and a 2x2 max-pool after every block but the last; then global
+    average pool, flatten and ``Linear(widths[-1], low_dim)``. For 32x32 inputs the blocks run
+    at 16x16, 8x8 and 4x4.
+    """
+    _check_low_dim(low_dim)
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
+        raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths!r}")
+    spec: list[dict[str, Any]] = []
+    c_in = in_channels
+    for i, width in enumerate(widths):
+        conv = {
+            "in_channels": c_in,
+            "out_channels": width,
+            "kernel_size": 3,
+            "stride": 2 if i == 0 else 1,
+            "padding": 1,
+            "bias": False,
+        }
+        spec.append({"class": "torch.nn.Conv2d", "kwargs": conv})
+        spec.append({"class": "torch.nn.BatchNorm2d", "kwargs": {"num_features": width}})
+        spec.append({"class": "torch.nn.ReLU", "kwargs": {"inplace": True}})
+        if i < len(widths) - 1:
+            spec.append({"class": "torch.nn.MaxPool2d", "kwargs": {"kernel_size": 2}})
+        c_in = width
+    spec.append({"class": "torch.nn.AdaptiveAvgPool2d", "kwargs": {"output_size": 1}})
+    spec.append({"class": "torch.nn.Flatten", "kwargs": {"start_dim": 1}})
+    spec.append(
+        {"class": "torch.nn.Linear", "kwargs": {"in_features": c_in, "out_features": low_dim}}
+    )
+    return spec
+
+
+def _torch_nn_class(name: str) -> type[nn.Module]:
+    prefix = "torch.nn."
+    cls = getattr(nn, name[len(prefix) :], None) if name.startswith(prefix) else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"layer class {name!r} is not a torch.nn module class")
+    return cls
+
+
+class SmallConvNet(nn.Sequential):
+    """A small conv encoder for tiny 32x32 datasets: ``[B, 3, 32, 32]`` -> unit ``[B, low_dim]``.
+
+    The layers are :func:`small_layer_spec`; ``state_dict()`` keys are those of a plain
+    ``torch.nn.Sequential`` of the same layers (``"0.weight"``, ``"1.running_mean"``, ...).
+    """
+
+    def __init__(
+        self, low_dim: int = 128, widths: tuple[int, ...] = SMALL_WIDTHS, in_channels: int = 3
+    ):
+        spec = small_layer_spec(low_dim, tuple(widths), in_channels)
+        super().__init__(*(_torch_nn_class(s["class"])(**s["kwargs"]) for s in spec))
+        self.layer_spec = spec
+        self.arch = "small"
+        self.low_dim = low_dim
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, in_channels, H, W]`` -> unit rows ``[B, low_dim]``."""
+        return F.normalize(super().forward(x), dim=1)
+
+
+def build_encoder(arch: str, low_dim: int = 128, cifar_stem: bool | None = None) -> nn.Module:
+    """A freshly initialized encoder mapping ``[B, 3, H, W]`` to unit vectors ``[B, low_dim]``.
+
+    Args:
+        arch: one of :data:`ARCHS` (``"resnet18"``, ``"resnet50"``, ``"small"``).
+        low_dim: embedding size, a positive int.
+        cifar_stem: resnets only; ``None`` means ``False`` (see :class:`EncoderConfig`).
+
+    Raises:
+        ValueError: unknown ``arch``, non-positive ``low_dim``, or ``cifar_stem=True`` with
+            ``arch="small"``.
+    """
+    config = EncoderConfig(arch=arch, low_dim=low_dim, cifar_stem=cifar_stem)
+    if config.arch == "small":
+        return SmallConvNet(low_dim=config.low_dim)
+    return ResNetEncoder(config.arch, config.low_dim, bool(config.cifar_stem))
+
+
+def encoder_num_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements of ``model`` (buffers excluded)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def rebuild_recipe(config: EncoderConfig) -> dict[str, Any]:
+    """How to rebuild ``config``'s network with plain torch/torchvision (the ``encoder.json`` body).
+
+    Returns a JSON-able dict with ``"build"`` (machine-readable: a constructor and its
+    keyword arguments, plus module replacements or a layer list) and ``"python"`` (the same as
+    source code). Either way the output must be L2-normalized along ``dim=1`` afterwards.
+    """
+    if config.arch == "small":
+        layers = small_layer_spec(config.low_dim)
+        build: dict[str, Any] = {"constructor": "torch.nn.Sequential", "layers": layers}
+        lines = ["import torch", "model = torch.nn.Sequential("]
+        for layer in layers:
+            kwargs = ", ".join(f"{k}={v!r}" for k, v in layer["kwargs"].items())
+            lines.append(f"    {layer['class']}({kwargs}),")
+        lines.append(")")
+    else:
+        build = {
+            "constructor": f"torchvision.models.{config.arch}",
+            "kwargs": {"weights": None, "num_classes": config.low_dim},
+            "replace": {},
+        }
+        lines = [
+            "import torch, torchvision",
+            f"model = torchvision.models.{config.arch}(weights=None, num_classes={config.low_dim})",
+        ]
+        if config.cifar_stem:
+            build["replace"] = {
+                "conv1": {"class": "torch.nn.Conv2d", "kwargs": dict(_CIFAR_CONV1_KWARGS)},
+                "maxpool": {"class": "torch.nn.Identity", "kwargs": {}},
+            }
+            lines += [
+                "model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, "
+                "bias=False)",
+                "model.maxpool = torch.nn.Identity()",
+            ]
+    lines += [
+        f"model.load_state_dict(torch.load('{WEIGHTS_FILE}', weights_only=True))",
+        "model.eval()",
+        "embedding = torch.nn.functional.normalize(model(images), dim=1)  # [B, low_dim]",
+    ]
+    return {"build": build, "python": "\n".join(lines)}
+
+
+def _write_atomic(final: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temp path beside ``final``, fsync, then ``os.replace`` it."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_encoder(
+    model: nn.Module,
+    config: EncoderConfig,
+    out_dir: str | os.PathLike[str],
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``out_dir/encoder.pt`` (weights) and then ``out_dir/encoder.json`` (recipe).
+
+    ``encoder.pt`` is a flat ``{name: Tensor}`` dict on CPU saved with ``torch.save``, loadable
+    with ``torch.load(path, weights_only=True)`` into the network described by
+    :func:`rebuild_recipe`. Both files are written to temp names and renamed, the JSON last.
+
+    Args:
+        model: the encoder built from ``config`` (unwrapped: not the DDP module).
+        config: its :class:`EncoderConfig`.
+        out_dir: local directory, created if missing.
+        metadata: optional JSON-able extras stored under ``"metadata"`` (e.g. input mean/std).
+
+    Returns:
+        The path of ``encoder.json``.
+
+    Raises:
+        ValueError: ``model``'s state dict keys or shapes do not match ``config``'s network.
+    """
+    if not isinstance(config, EncoderConfig):
+        raise ValueError(f"config must be an EncoderConfig, got {type(config).__name__}")
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    expected = build_encoder(**config.to_dict()).state_dict()
+    if list(state) != list(expected):
+        missing = sorted(set(expected) - set(state))[:5]
+        extra = sorted(set(state) - set(expected))[:5]
+        raise ValueError(
+            f"model does not match config {config}: missing keys {missing}, unexpected keys "
+            f"{extra} (pass the bare encoder, e.g. ddp_model.module)"
+        )
+    bad = [k for k, v in expected.items() if state[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"model does not match config {config}: wrong shapes for {bad[:5]}")
+    document = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        **config.to_dict(),
+        "normalization": {"kind": "l2", "dim": 1},
+        "input": {"layout": "NCHW", "channels": 3},
+        "weights": WEIGHTS_FILE,
+        "weights_format": "torch.save of a flat dict str -> Tensor; torch.load(weights_only=True)",
+        **rebuild_recipe(config),
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "metadata": dict(metadata or {}),
+    }
+    text = json.dumps(document, indent=2, sort_keys=False) + "\n"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
+    _write_atomic(out / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return out / CONFIG_FILE
+
+
+def read_export_config(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``encoder.json`` of an export directory, with its format checked."""
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no exported encoder: {path} does not exist")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not an {EXPORT_FORMAT} file")
+    if document.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: unsupported format_version {document.get('format_version')!r} "
+            f"(this code reads {EXPORT_FORMAT_VERSION})"
+        )
+    return document
+
+
+def load_encoder(out_dir: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild an encoder written by :func:`export_encoder`, in eval mode, on CPU.
+
+    Returns the normalized encoder (:class:`ResNetEncoder` or :class:`SmallConvNet`):
+    ``[B, 3, H, W]`` -> unit rows ``[B, low_dim]``. Weights load strictly.
+    """
+    document = read_export_config(out_dir)
+    names = {f.name for f in dataclasses.fields(EncoderConfig)}
+    config = EncoderConfig.from_dict({k: document[k] for k in names if k in document})
+    model = build_encoder(**config.to_dict())
+    weights = Path(out_dir) / document.get("weights", WEIGHTS_FILE)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
