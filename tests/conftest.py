@@ -45,5 +45,31 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="opt-in: set NPID_CIFAR_TESTS=1 with ../shared/data present")
     for item in items:
-        if "cifar" in item.keywords:
+        if item.get_closest_marker("cifar") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def make_store(ray_cluster):
+    """Factory for ``ShardedStore`` objects with unique names; all shut down after the test.
+
+    ``make_store(num_rows=…, …)`` creates one (namespace "npid-tests" unless given);
+    ``make_store.track(store)`` registers a store made otherwise (``restore``, ``attach``).
+    """
+    import uuid
+
+    from featurestore import ShardedStore
+
+    stores = []
+
+    def make(**kwargs):
+        kwargs.setdefault("name", f"test-store-{uuid.uuid4().hex[:10]}")
+        kwargs.setdefault("namespace", "npid-tests")
+        store = ShardedStore(**kwargs)
+        stores.append(store)
+        return store
+
+    make.track = stores.append
+    yield make
+    for store in stores:
+        store.shutdown()

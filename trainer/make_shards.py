@@ -1,0 +1,506 @@
+"""Convert one split of an image dataset into webdataset shards (DESIGN.md §5).
+
+    python -m trainer.make_shards SRC OUT [--shard-size N] [--split train|test] [--overwrite]
+
+``SRC`` is an ImageFolder root, a ``cifar-10-batches-py`` directory or the name of the built-in
+dataset (``digits``); see :mod:`trainer.datasets`. Output in ``OUT``:
+
+- ``shard-000000.tar`` ...: one webdataset sample per image, key = the dense instance id
+  zero-padded to (at least) 9 digits, fields ``<ext>`` = the original image bytes (never
+  re-encoded; png for CIFAR batches and the built-in dataset) and ``cls`` = the label as ASCII
+  (``-1`` when unknown). Samples inside a shard are in id order.
+- ``index.parquet``: one row per instance in id order: ``id`` int64, ``label`` int32, ``key``
+  string, ``shard`` string (the shard's file name), ``source`` string (path relative to
+  ``SRC`` or ``batch:row``).
+- ``skipped.txt``: one ``source<TAB>reason`` line per file that did not decode (may be empty).
+- ``dataset.json``: ``num_instances``, ``classes``, ``source``, ``created`` plus ``split``,
+  ``source_type`` (``imagefolder``/``cifar10``/``digits``), ``num_classes``, ``num_skipped``,
+  ``key_width``, ``image_size_min``/``image_size_max`` (smallest/largest image side),
+  ``shards`` and ``shard_counts``. Written last: its presence marks a complete conversion.
+
+Ids are dense over the images that decode, in sorted-path order, so they are stable across
+runs. Shard layout: instance ``i`` goes to shard ``i % num_shards``, so every shard is a
+class-balanced sample of the dataset and streaming loaders mix classes even with a small
+shuffle buffer; ``num_shards = ceil(#files / shard_size)``.
+
+Every image is fully decoded with PIL (in threads) before it is written; one that fails is
+skipped and listed. Everything is written under temporary names in ``OUT`` and renamed once
+complete; with ``--overwrite`` the previous run's shards that were not rewritten are removed
+after the new output is in place. Bad input (missing/empty/unknown source, an ``OUT`` that
+already holds shards) is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import sys
+import tarfile
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from trainer.datasets import (
+    BUILTIN_DATASETS,
+    BUILTIN_PREFIX,
+    SPLITS,
+    Record,
+    Source,
+    SourceError,
+    open_source,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 5000
+SHARD_NAME = "shard-{:06d}.tar"
+SHARD_GLOB = "shard-*.tar"
+PARTIAL_SUFFIX = ".partial"
+MIN_KEY_WIDTH = 9
+FORMAT_VERSION = 1
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "npid" / "data"
+INDEX_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("label", pa.int32()),
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("source", pa.string()),
+    ]
+)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+class OutputExistsError(ValueError):
+    """``OUT`` already holds a converted dataset and ``overwrite`` is off."""
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What :func:`make_shards` wrote.
+
+    Attributes:
+        out: the output directory.
+        num_instances: images written (ids ``[0, num_instances)``).
+        num_skipped: files that did not decode (listed in ``skipped.txt``).
+        shards: shard file names, in order.
+        shard_counts: samples per shard.
+        classes: class names (labels index this).
+    """
+
+    out: Path
+    num_instances: int
+    num_skipped: int
+    shards: tuple[str, ...]
+    shard_counts: tuple[int, ...]
+    classes: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- tar writing
+
+
+def _tar_member(name: str, data: bytes) -> bytes:
+    """One ustar member: header + data + zero padding to a 512-byte boundary.
+
+    Metadata is fixed (mtime 0, mode 0444, no owner) so identical inputs give identical shards.
+    """
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    return header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+
+
+class _ShardWriter:
+    """Appends samples to one ``.partial`` tar file; ``close`` writes the end-of-archive."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.count = 0
+        self._size = 0
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+
+    def write(self, key: str, ext: str, image: bytes, label: int) -> None:
+        chunk = _tar_member(f"{key}.{ext}", image) + _tar_member(f"{key}.cls", b"%d" % label)
+        self._file.write(chunk)
+        self._size += len(chunk)
+        self.count += 1
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        # Two zero blocks end the archive; pad to a whole 10240-byte record like tar(1).
+        end = 2 * tarfile.BLOCKSIZE
+        end += -(self._size + end) % tarfile.RECORDSIZE
+        self._file.write(b"\0" * end)
+        self._file.close()
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], threads: int) -> Iterator[_R]:
+    """``map(fn, items)`` on a thread pool, in input order, with a bounded window in flight."""
+    window = 4 * threads
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="make_shards") as pool:
+        pending: deque[Future[_R]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+def verify_image(data: bytes) -> tuple[tuple[int, int] | None, str | None]:
+    """Fully decode ``data`` with PIL.
+
+    Returns:
+        ``((width, height), None)`` when it decodes, else ``(None, reason)`` (one line).
+    """
+    if not data:
+        return None, "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.size, None
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return None, " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _load_verified(source: Source) -> Callable[[Record], tuple[bytes | None, Any]]:
+    """``record -> (bytes, (width, height))`` for an image that decodes, else
+    ``(None, reason)``."""
+
+    def load(record: Record) -> tuple[bytes | None, Any]:
+        try:
+            data = source.read(record)
+        except OSError as exc:
+            return None, " ".join(f"unreadable: {exc}".split())
+        size, reason = verify_image(data)
+        return (None, reason) if size is None else (data, size)
+
+    return load
+
+
+# --------------------------------------------------------------------------- output files
+
+
+def _existing_output(out: Path) -> list[Path]:
+    """Files in ``out`` that mark a previous conversion."""
+    if not out.is_dir():
+        return []
+    marks = [out / "index.parquet", out / "dataset.json"]
+    return sorted(out.glob(SHARD_GLOB)) + [p for p in marks if p.exists()]
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through ``write(tmp)`` to a temporary name in the same dir, then rename."""
+    tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _ensure_open_files(n: int) -> None:
+    """Raise the soft open-file limit when ``n`` shards must be open at once."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = n + 256
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            raise ValueError(
+                f"{n} shards would be open at once but the open-file limit is {hard}; "
+                f"use a larger --shard-size"
+            )
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def make_shards(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    split: str = "train",
+    overwrite: bool = False,
+    *,
+    num_threads: int | None = None,
+    progress: bool | None = None,
+) -> ShardSummary:
+    """Convert one split of ``src`` into webdataset shards in ``out`` (see module docstring).
+
+    Args:
+        src: ImageFolder root, ``cifar-10-batches-py`` directory or built-in name (``digits``).
+        out: output directory (created if missing).
+        shard_size: at most this many samples per shard (``>= 1``).
+        split: ``"train"`` or ``"test"`` (CIFAR batches and built-ins).
+        overwrite: replace a previous conversion in ``out``.
+        num_threads: decode-verification threads; default ``min(8, cpu count)``.
+        progress: show a tqdm bar on stderr; ``None`` shows it when stderr is a terminal.
+
+    Returns:
+        A :class:`ShardSummary`.
+
+    Raises:
+        SourceError: missing, empty or unknown source, or no image decodes.
+        OutputExistsError: ``out`` holds shards/index/dataset.json and ``overwrite`` is off.
+        ValueError: bad ``shard_size``/``split``, or ``out`` is not a directory.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a directory")
+    source = open_source(src, split, exclude=[out])
+    previous = _existing_output(out)
+    if previous and not overwrite:
+        raise OutputExistsError(
+            f"output {out} already holds shards ({previous[0].name}, ...); "
+            f"pass --overwrite to replace them"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f".*{PARTIAL_SUFFIX}"):  # left by a killed run
+        stale.unlink(missing_ok=True)
+
+    records = source.records
+    num_shards = math.ceil(len(records) / shard_size)
+    key_width = max(MIN_KEY_WIDTH, len(str(len(records) - 1)))
+    threads = num_threads or min(8, os.cpu_count() or 1)
+    _ensure_open_files(num_shards)
+
+    names = [SHARD_NAME.format(s) for s in range(num_shards)]
+    writers: list[_ShardWriter] = []
+    rows: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
+    skipped: list[tuple[str, str]] = []
+    sides = (sys.maxsize, 0)  # smallest and largest image side seen
+    try:
+        writers = [_ShardWriter(out / f".{name}{PARTIAL_SUFFIX}") for name in names]
+        bar = tqdm(
+            total=len(records),
+            desc="make_shards",
+            unit="img",
+            file=sys.stderr,
+            disable=(not sys.stderr.isatty()) if progress is None else not progress,
+        )
+        with bar:
+            verified = _ordered_map(_load_verified(source), records, threads)
+            for record, (data, info) in zip(records, verified, strict=True):
+                bar.update(1)
+                if data is None:
+                    skipped.append((record.source, info))
+                    continue
+                sides = (min(sides[0], *info), max(sides[1], *info))
+                iid = len(rows["id"])
+                key = f"{iid:0{key_width}d}"
+                shard = iid % num_shards
+                writers[shard].write(key, record.ext, data, record.label)
+                for col, value in zip(
+                    INDEX_SCHEMA.names,
+                    (iid, record.label, key, names[shard], record.source),
+                    strict=True,
+                ):
+                    rows[col].append(value)
+        for w in writers:
+            w.close()
+        num_instances = len(rows["id"])
+        if num_instances == 0:
+            raise SourceError(
+                f"source is empty: none of the {len(records)} images in {source.location} "
+                f"decode (first: {skipped[0][0]}: {skipped[0][1]})"
+            )
+        # Only the last shards can be empty (when fewer images than shards survive).
+        kept = [i for i, w in enumerate(writers) if w.count > 0]
+        for i in kept:
+            os.replace(writers[i].path, out / names[i])
+        shards = tuple(names[i] for i in kept)
+        counts = tuple(writers[i].count for i in kept)
+        _write_outputs(out, source, rows, skipped, shards, counts, key_width, sides)
+    finally:
+        for w in writers:
+            w.close()
+            w.path.unlink(missing_ok=True)
+
+    for old in out.glob(SHARD_GLOB):
+        if old.name not in shards:
+            old.unlink()
+    summary = ShardSummary(out, num_instances, len(skipped), shards, counts, tuple(source.classes))
+    logger.info(
+        "wrote %d instances (%d classes) in %d shards to %s",
+        num_instances,
+        len(source.classes),
+        len(shards),
+        out,
+    )
+    if skipped:
+        logger.warning(
+            "skipped %d of %d files that do not decode; listed in %s",
+            len(skipped),
+            len(records),
+            out / "skipped.txt",
+        )
+    return summary
+
+
+def _write_outputs(
+    out: Path,
+    source: Source,
+    rows: dict[str, list],
+    skipped: list[tuple[str, str]],
+    shards: tuple[str, ...],
+    counts: tuple[int, ...],
+    key_width: int,
+    sides: tuple[int, int],
+) -> None:
+    """index.parquet, skipped.txt, then dataset.json (last: it marks completion)."""
+    table = pa.table(rows, schema=INDEX_SCHEMA)
+    _write_atomic(out / "index.parquet", lambda p: pq.write_table(table, p))
+    lines = "".join(f"{path}\t{reason}\n" for path, reason in skipped)
+    _write_atomic(out / "skipped.txt", lambda p: p.write_text(lines, encoding="utf-8"))
+    meta = {
+        "format": "npid-webdataset",
+        "format_version": FORMAT_VERSION,
+        "num_instances": len(rows["id"]),
+        "classes": list(source.classes),
+        "num_classes": len(source.classes),
+        "source": source.location,
+        "source_type": source.kind,
+        "split": source.split,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "num_skipped": len(skipped),
+        "key_width": key_width,
+        "image_size_min": sides[0],
+        "image_size_max": sides[1],
+        "shards": list(shards),
+        "shard_counts": list(counts),
+    }
+    text = json.dumps(meta, indent=2) + "\n"
+    _write_atomic(out / "dataset.json", lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def ensure_builtin_dataset(
+    cache_dir: str | os.PathLike | None = None, split: str = "train", name: str = "digits"
+) -> Path:
+    """Shards of a built-in dataset, converted into ``cache_dir`` on first use.
+
+    Safe to call from several processes at once: each converts into its own temporary
+    directory and the first to rename it into place wins.
+
+    Args:
+        cache_dir: where converted datasets live; default ``$NPID_CACHE_DIR`` or
+            ``~/.cache/npid/data``.
+        split: ``"train"`` or ``"test"``.
+        name: the built-in dataset (``"digits"``).
+
+    Returns:
+        The dataset directory ``cache_dir/<name>-<split>`` (shards, index.parquet,
+        dataset.json), ready for :mod:`trainer.data`.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"unknown built-in dataset {name!r}; expected one of {BUILTIN_DATASETS}")
+    root = Path(cache_dir or os.environ.get("NPID_CACHE_DIR") or DEFAULT_CACHE_DIR)
+    target = root / f"{name}-{split}"
+    if _is_complete(target):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{split}-", dir=root))
+    try:
+        make_shards(BUILTIN_PREFIX + name, tmp, split=split, overwrite=True, progress=False)
+        if target.exists() and not _is_complete(target):
+            shutil.rmtree(target, ignore_errors=True)  # a broken earlier attempt
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _is_complete(target):  # not a lost race: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        meta = json.loads((path / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return meta.get("format_version") == FORMAT_VERSION
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.make_shards",
+        description="Convert one split of an image dataset into webdataset shards.",
+    )
+    p.add_argument(
+        "src", help="ImageFolder root, cifar-10-batches-py dir, or 'digits' ('builtin:digits')"
+    )
+    p.add_argument("out", help="output directory")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        help=f"samples per shard (default {DEFAULT_SHARD_SIZE})",
+    )
+    p.add_argument("--split", choices=SPLITS, default="train", help="split (default train)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing conversion")
+    p.add_argument("--threads", type=int, default=None, help="decode-verification threads")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (2 on bad input)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.shard_size < 1:
+        parser.exit(2, f"make_shards: error: --shard-size must be >= 1, got {args.shard_size}\n")
+    logging.basicConfig(level=logging.INFO, format="make_shards: %(message)s", stream=sys.stderr)
+    try:
+        make_shards(
+            args.src,
+            args.out,
+            shard_size=args.shard_size,
+            split=args.split,
+            overwrite=args.overwrite,
+            num_threads=args.threads,
+        )
+    except ValueError as exc:  # SourceError, OutputExistsError and other bad input
+        sys.stderr.write(f"make_shards: error: {exc}\n")
+        return 2
+    except OSError as exc:
+        sys.stderr.write(f"make_shards: error: {exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
