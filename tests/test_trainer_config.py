@@ -1,0 +1,213 @@
+"""Trainer configuration, planning and the CLI's bad-input handling (no Ray needed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from featurestore import NCE, SampledSoftmax, Softmax
+from trainer.checkpoints import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from trainer.config import ConfigError, TrainConfig, parse_config
+from trainer.loop import learning_rate
+from trainer.make_shards import make_shards
+from trainer.metrics import append_jsonl, read_jsonl, truncate_jsonl_after
+from trainer.plan import make_plan, resolve_objective
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    """Generated digits-like shards: 60 train and 20 test images of 3 classes."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for split, n in (("train", 60), ("test", 20)):
+        src = root / f"src-{split}"
+        rng = np.random.default_rng(0 if split == "train" else 1)
+        for i in range(n):
+            cls = f"c{i % 3}"
+            (src / cls).mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(src / cls / f"{i:03d}.png")
+        make_shards(src, root / split, shard_size=25, progress=False)
+        out[split] = root / split
+    return out
+
+
+def test_defaults_mirror_the_reference():
+    cfg = parse_config([])
+    assert (cfg.nce_k, cfg.nce_t, cfg.nce_m, cfg.low_dim, cfg.lr) == (4096, 0.07, 0.5, 128, 0.03)
+    assert (cfg.momentum, cfg.weight_decay) == (0.9, 5e-4)
+    assert cfg.builtin and cfg.resolved_arch == "small" and cfg.resolved_epochs == 40
+    other = parse_config(["--data", "/x", "--batch-size", "512"])
+    assert other.resolved_arch == "resnet18" and other.resolved_epochs == 200
+    assert (
+        other.resolved_batch_size == 512
+        and parse_config(["--data", "/x"]).resolved_batch_size == 256
+    )
+
+
+def test_yaml_config_and_flag_precedence(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("nce-k: 100\nlr: 0.1\nobjective: sampled-softmax\n")
+    cfg = parse_config(["--config", str(file), "--lr", "0.2"])
+    assert (cfg.nce_k, cfg.lr, cfg.objective) == (100, 0.2, "sampled-softmax")
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "-1"], "--lr must be > 0"),
+        (["--nce-m", "2"], "--nce-m must be in"),
+        (["--batch-size", "10", "--num-workers", "3"], "not divisible"),
+        (["--num-shards", "0"], "--num-shards must be > 0"),
+        (["--objective", "sampled-softmax", "--nce-k", "0"], "needs --nce-k"),
+        (["--bank", "local", "--num-workers", "2"], "--num-workers 1"),
+        (["--config", "/nonexistent.yaml"], "no such file"),
+    ],
+)
+def test_impossible_values_are_config_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(argv)
+
+
+def test_unknown_yaml_key(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("nce_kk: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        parse_config(["--config", str(file)])
+
+
+def test_objective_resolution():
+    cfg = parse_config([])
+    assert isinstance(resolve_objective(cfg, 1437), Softmax)  # built-in, default K >= N
+    assert resolve_objective(parse_config(["--nce-k", "100"]), 1437) == NCE(num_negatives=100)
+    assert isinstance(resolve_objective(parse_config(["--nce-k", "0"]), 10**6), Softmax)
+    sampled = resolve_objective(parse_config(["--objective", "sampled-softmax"]), 10**6)
+    assert sampled == SampledSoftmax(num_negatives=4096)
+    with pytest.raises(ConfigError, match="smaller than the 1437"):
+        resolve_objective(parse_config(["--nce-k", "5000"]), 1437)
+    with pytest.raises(ConfigError, match="smaller than"):
+        resolve_objective(parse_config(["--data", "/x"]), 1000)
+
+
+def test_learning_rate_schedules():
+    cfg = parse_config([])
+    assert [learning_rate(cfg, e, 10) for e in (0, 3, 4, 6, 8)] == pytest.approx(
+        [0.03, 0.03, 0.003, 0.0003, 0.00003]
+    )
+    cos = parse_config(["--schedule", "cosine"])
+    assert learning_rate(cos, 0, 10) == pytest.approx(0.03)
+    assert learning_rate(cos, 5, 10) == pytest.approx(0.015)
+
+
+def test_plan_resolves_data(tiny_shards, tmp_path):
+    cfg = parse_config(
+        [
+            "--data",
+            str(tiny_shards["train"]),
+            "--val-data",
+            str(tiny_shards["test"]),
+            "--nce-k",
+            "10",
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    plan = make_plan(cfg)
+    assert (plan.num_rows, plan.num_classes, plan.preset) == (60, 3, "cifar")
+    assert plan.objective["kind"] == "nce" and plan.create_store
+
+
+def test_plan_rejects_bad_data(tmp_path):
+    with pytest.raises(ConfigError, match="no such directory"):
+        make_plan(parse_config(["--data", str(tmp_path / "missing")]))
+    with pytest.raises(ConfigError, match="no index.parquet"):
+        make_plan(parse_config(["--data", str(tmp_path)]))
+
+
+def test_resume_needs_a_matching_checkpoint(tiny_shards, tmp_path):
+    argv = ["--data", str(tiny_shards["train"]), "--nce-k", "10", "--output", str(tmp_path)]
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        make_plan(parse_config([*argv, "--resume"]))
+    state = TrainState({}, {}, epoch=1, step=5, store_snapshot=None, data_position={})
+    save_checkpoint(tmp_path / "ck", state, parse_config(argv).to_dict())
+    plan = make_plan(parse_config([*argv, "--resume"]))
+    assert plan.resume_from == str(tmp_path / "ck")
+    with pytest.raises(ConfigError, match="another config"):
+        make_plan(
+            parse_config([*argv[:-2], "--output", str(tmp_path), "--low-dim", "64", "--resume"])
+        )
+
+
+def test_checkpoint_roundtrip_and_latest(tmp_path):
+    import torch
+
+    for step in (3, 9, 6):
+        state = TrainState({"w": torch.ones(2) * step}, {}, 1, step, f"snap-{step}", {"epoch": 1})
+        save_checkpoint(tmp_path / f"c{step}", state, {"seed": step})
+    latest = latest_checkpoint(tmp_path)
+    assert latest == tmp_path / "c9"
+    state, config = load_checkpoint(latest)
+    assert state.step == 9 and state.store_snapshot == "snap-9" and config == {"seed": 9}
+    assert torch.equal(state.model["w"], torch.ones(2) * 9)
+    (tmp_path / "c9" / "meta.json").unlink()  # incomplete: no commit point
+    assert latest_checkpoint(tmp_path) == tmp_path / "c6"
+    with pytest.raises(FileNotFoundError, match="not a complete npid checkpoint"):
+        load_checkpoint(tmp_path / "c9")
+
+
+def test_metrics_jsonl_append_and_truncate(tmp_path):
+    path = tmp_path / "m" / "metrics.jsonl"
+    for step in (0, 5, 10):
+        append_jsonl(path, {"epoch": step // 5, "step": step})
+    truncate_jsonl_after(path, 5)
+    assert [r["step"] for r in read_jsonl(path)] == [0, 5]
+
+
+def _cli(*argv: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.run", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "/nonexistent/shards"], "no such directory"),
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--nce-k", "5000"], "--nce-k 5000 must be smaller"),
+        (["--objective", "nope"], "invalid choice"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(argv, message, tmp_path):
+    result = _cli(*argv, "--output", str(tmp_path), env_extra={"NPID_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert message in lines[-1]
+
+
+def test_cli_folder_without_shards(tmp_path):
+    result = _cli("--data", str(tmp_path), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no index.parquet" in result.stderr

@@ -1,0 +1,268 @@
+"""The training run's configuration: one typed dataclass, read from flags and YAML.
+
+Flags mirror the reference code (``--arch --low-dim --nce-k --nce-t --nce-m --lr
+--batch-size --epochs``; ``--nce-k 0`` means the exact softmax) plus the distributed ones
+(DESIGN §6). ``--config file.yaml`` supplies any of them (keys spelled like the flags,
+with ``-`` or ``_``); flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OBJECTIVES = ("nce", "softmax", "sampled-softmax")
+ARCHS = ("auto", "small", "resnet18", "resnet50")
+SCHEDULES = ("step", "cosine")
+BUILTIN = "digits"
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent setting; the CLI prints it on one line, exit 2."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved with every checkpoint."""
+
+    data: str = BUILTIN
+    """Training shards: a directory or URL (s3://, gs://, http://, pipe:) with
+    index.parquet, or the name of the built-in dataset."""
+    val_data: str | None = None
+    """Validation shards for kNN evaluation (default: the built-in test split, or none)."""
+    output: str = "runs/npid"
+    """Output directory: metrics.jsonl, checkpoints, snapshots, the exported encoder."""
+    arch: str = "auto"
+    """Encoder: small | resnet18 | resnet50 | auto (small for the built-in dataset)."""
+    low_dim: int = 128
+    objective: str = "nce"
+    nce_k: int = 4096
+    """Noise samples per positive; 0 means the exact softmax."""
+    nce_t: float = 0.07
+    nce_m: float = 0.5
+    prox_lambda: float = 0.0
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    """step: ×0.1 at 40 %, 60 %, 80 % of the epochs (the reference's CIFAR schedule); cosine."""
+    batch_size: int = 0
+    """Global batch size, split evenly across workers; 0 = the dataset's default (256, the
+    reference's; 128 for the 1,437-image built-in dataset, for enough steps per epoch)."""
+    epochs: int = 0
+    """0 = the dataset's default (40 for the built-in dataset, 200 otherwise)."""
+    num_workers: int = 1
+    num_shards: int = 2
+    use_gpu: bool = False
+    store_name: str | None = None
+    """Attach to this running store instead of creating one."""
+    store_dtype: str = "float32"
+    bank: str = "store"
+    """store: the sharded feature store service; local: an in-process MemoryBank (one
+    worker only; the baseline of the trainer benchmark)."""
+    resume: bool = False
+    eval_every: int = 1
+    checkpoint_every: int = 1
+    knn_k: int = 200
+    max_failures: int = 2
+    """Worker-group restarts Ray Train performs from the last checkpoint."""
+    loader_workers: int = 0
+    """DataLoader processes per training worker."""
+    image_size: int = 0
+    """0 = from the dataset (32 for the built-in and CIFAR-sized images, else 224)."""
+    seed: int = 0
+    progress: bool = True
+    storage_path: str | None = None
+    """Ray Train storage (local path or s3://…); default OUTPUT/ray."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes kept with the config (not interpreted)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first impossible value."""
+
+        def positive(name: str, allow_zero: bool = False) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+                bound = ">= 0" if allow_zero else "> 0"
+                raise ConfigError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+
+        for name in (
+            "low_dim",
+            "num_workers",
+            "num_shards",
+            "eval_every",
+            "checkpoint_every",
+            "knn_k",
+            "nce_t",
+            "lr",
+        ):
+            positive(name)
+        for name in (
+            "nce_k",
+            "batch_size",
+            "epochs",
+            "prox_lambda",
+            "weight_decay",
+            "momentum",
+            "max_failures",
+            "loader_workers",
+            "image_size",
+        ):
+            positive(name, allow_zero=True)
+        if not 0 <= self.nce_m <= 1:
+            raise ConfigError(f"--nce-m must be in [0, 1], got {self.nce_m}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+            )
+        if self.arch not in ARCHS:
+            raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if self.resolved_batch_size % self.num_workers:
+            raise ConfigError(
+                f"--batch-size {self.resolved_batch_size} is not divisible by "
+                f"--num-workers {self.num_workers}"
+            )
+        if self.bank not in ("store", "local"):
+            raise ConfigError(f"--bank must be store or local, got {self.bank!r}")
+        if self.bank == "local" and self.num_workers != 1:
+            raise ConfigError("--bank local keeps the bank in the worker: use --num-workers 1")
+        if self.objective == "sampled-softmax" and self.nce_k == 0:
+            raise ConfigError("--objective sampled-softmax needs --nce-k > 0")
+
+    @property
+    def builtin(self) -> bool:
+        """Whether the run uses the built-in dataset."""
+        return self.data == BUILTIN
+
+    @property
+    def resolved_arch(self) -> str:
+        """The encoder actually built."""
+        if self.arch != "auto":
+            return self.arch
+        return "small" if self.builtin else "resnet18"
+
+    @property
+    def resolved_epochs(self) -> int:
+        """The number of epochs actually run."""
+        if self.epochs:
+            return self.epochs
+        return 40 if self.builtin else 200
+
+    @property
+    def resolved_batch_size(self) -> int:
+        """The global batch size actually used."""
+        if self.batch_size:
+            return self.batch_size
+        return 128 if self.builtin else 256
+
+    @property
+    def objective_kind(self) -> str:
+        """nce | softmax | sampled-softmax, with ``--nce-k 0`` meaning the exact softmax."""
+        return "softmax" if self.nce_k == 0 else self.objective
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (YAML/JSON-able)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from plain data; unknown keys are an error naming them."""
+        names = {f.name for f in fields(cls)}
+        clean = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(clean) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**clean)
+
+    def differences(self, other: TrainConfig, keys: tuple[str, ...]) -> list[str]:
+        """``key: mine != other`` for each of ``keys`` that differs."""
+        return [
+            f"{k}: {getattr(self, k)!r} != {getattr(other, k)!r}"
+            for k in keys
+            if getattr(self, k) != getattr(other, k)
+        ]
+
+
+#: Settings a resumed run must share with the checkpoint it resumes.
+RESUME_KEYS = ("data", "low_dim", "objective", "nce_k", "nce_t", "arch", "store_dtype")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI parser; every default is None so that the YAML file can fill it."""
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.run",
+        description="Train an image encoder by non-parametric instance discrimination.",
+    )
+    add = p.add_argument
+    add("--config", help="YAML file with any of the settings below")
+    add("--data", help=f"training shards (dir or URL), or '{BUILTIN}' (default)")
+    add("--val-data", help="validation shards for kNN evaluation")
+    add("--output", help="output directory (default runs/npid)")
+    add("--arch", choices=ARCHS)
+    add("--low-dim", type=int)
+    add("--objective", choices=OBJECTIVES)
+    add("--nce-k", type=int, help="noise samples per positive; 0 = exact softmax")
+    add("--nce-t", type=float, help="temperature τ")
+    add("--nce-m", type=float, help="memory bank momentum")
+    add("--prox-lambda", type=float)
+    add("--lr", type=float)
+    add("--momentum", type=float, help="SGD momentum")
+    add("--weight-decay", type=float)
+    add("--schedule", choices=SCHEDULES)
+    add("--batch-size", type=int, help="global batch size")
+    add("--epochs", type=int)
+    add("--num-workers", type=int, help="Ray Train workers (DDP)")
+    add("--num-shards", type=int, help="feature store shards")
+    add("--use-gpu", action="store_true", default=None)
+    add("--store-name", help="attach to a running store of this name")
+    add("--store-dtype", choices=("float32", "bfloat16", "float16"))
+    add("--bank", choices=("store", "local"), help="feature store service or in-process")
+    add("--resume", action="store_true", default=None)
+    add("--eval-every", type=int)
+    add("--checkpoint-every", type=int)
+    add("--knn-k", type=int)
+    add("--max-failures", type=int)
+    add("--loader-workers", type=int)
+    add("--image-size", type=int)
+    add("--seed", type=int)
+    add("--no-progress", dest="progress", action="store_false", default=None)
+    add("--storage-path", help="Ray Train storage path (local or s3://…)")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Flags (and ``--config`` YAML) -> :class:`TrainConfig`; raises :class:`ConfigError`."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    path = args.pop("config")
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of settings")
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in args.items() if v is not None})
+    try:
+        return TrainConfig.from_dict(values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None

@@ -1,0 +1,161 @@
+"""Resolve a :class:`TrainConfig` against its data before anything starts (no Ray).
+
+Everything that can be known up front is checked here, so that bad input fails in the
+driver with one clear line instead of inside a training worker: the data locations and
+their index, the objective against the dataset size, the augmentation preset, the
+checkpoint to resume from and whether it matches the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from featurestore.objectives import NCE, Objective, SampledSoftmax, Softmax
+from trainer.checkpoints import latest_checkpoint, load_checkpoint
+from trainer.config import RESUME_KEYS, ConfigError, TrainConfig
+from trainer.data import ShardIndex
+from trainer.make_shards import ensure_builtin_dataset
+from trainer.transforms import DEFAULT_SIZE
+
+logger = logging.getLogger(__name__)
+
+#: The reference default K, replaced by the exact softmax on datasets smaller than it.
+DEFAULT_K = TrainConfig.nce_k
+
+
+@dataclass
+class RunPlan:
+    """A config resolved against its data: what the driver and workers run."""
+
+    config: dict[str, Any]
+    train_data: str
+    val_data: str | None
+    num_rows: int
+    num_classes: int
+    preset: str
+    image_size: int
+    arch: str
+    epochs: int
+    objective: dict[str, Any]
+    output: str
+    store_name: str
+    create_store: bool
+    resume_from: str | None
+    resume_snapshot: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (sent to every worker)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunPlan:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)
+
+    def build_objective(self) -> Objective:
+        """The objective object."""
+        return Objective.from_dict(self.objective)
+
+
+def _load_index(location: str, flag: str) -> ShardIndex:
+    if "://" not in location and not location.startswith("pipe:"):
+        path = Path(location)
+        if not path.exists():
+            raise ConfigError(f"{flag} {location}: no such directory")
+        if not (path / "index.parquet").is_file():
+            raise ConfigError(
+                f"{flag} {location}: no index.parquet (make shards with "
+                f"python -m trainer.make_shards SRC {location})"
+            )
+    try:
+        return ShardIndex.load(location)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {location}: {exc}") from None
+
+
+def _preset(index: ShardIndex) -> str:
+    meta = index.meta
+    kind = meta.get("source_type", "")
+    if kind == "digits":
+        return "digits"
+    if kind.startswith("cifar"):
+        return "cifar"
+    side = meta.get("image_size_max") or 0
+    return "cifar" if side and int(side) <= 64 else "imagenet"
+
+
+def resolve_objective(cfg: TrainConfig, num_rows: int) -> Objective:
+    """The objective for ``num_rows`` instances; raises :class:`ConfigError` on K >= N."""
+    kind = cfg.objective_kind
+    common = {"temperature": cfg.nce_t, "prox_lambda": cfg.prox_lambda}
+    if kind != "softmax" and cfg.nce_k >= num_rows:
+        if cfg.builtin and cfg.nce_k == DEFAULT_K:
+            logger.info(
+                "K=%d noise samples is not smaller than the %d training images: using the "
+                "exact softmax (pass --nce-k to choose)",
+                cfg.nce_k,
+                num_rows,
+            )
+            return Softmax(**common)
+        raise ConfigError(
+            f"--nce-k {cfg.nce_k} must be smaller than the {num_rows} training instances "
+            f"(or 0 for the exact softmax)"
+        )
+    if kind == "softmax":
+        return Softmax(**common)
+    if kind == "sampled-softmax":
+        return SampledSoftmax(num_negatives=cfg.nce_k, **common)
+    return NCE(num_negatives=cfg.nce_k, **common)
+
+
+def make_plan(cfg: TrainConfig) -> RunPlan:
+    """Resolve ``cfg``; raises :class:`ConfigError` naming the bad input."""
+    if cfg.builtin:
+        cache = os.environ.get("NPID_CACHE_DIR")
+        train_data = str(ensure_builtin_dataset(cache, "train"))
+        val_data = cfg.val_data or str(ensure_builtin_dataset(cache, "test"))
+    else:
+        train_data, val_data = cfg.data, cfg.val_data
+    train_index = _load_index(train_data, "--data")
+    num_classes = max(len(train_index.classes), int(train_index.labels.max()) + 1, 1)
+    if val_data is not None:
+        val_index = _load_index(val_data, "--val-data")
+        num_classes = max(num_classes, len(val_index.classes), int(val_index.labels.max()) + 1)
+    preset = _preset(train_index)
+    objective = resolve_objective(cfg, train_index.num_instances)
+    output = os.path.abspath(cfg.output)
+    resume_from = resume_snapshot = None
+    if cfg.resume:
+        found = latest_checkpoint(output)
+        if found is None:
+            raise ConfigError(f"--resume: no checkpoint under {output}")
+        state, saved = load_checkpoint(found)
+        diffs = cfg.differences(TrainConfig.from_dict(saved), RESUME_KEYS)
+        if diffs:
+            raise ConfigError(
+                f"--resume: checkpoint {found} is from another config (" + "; ".join(diffs) + ")"
+            )
+        resume_from, resume_snapshot = str(found), state.store_snapshot
+    store_name = cfg.store_name or f"npid-{uuid.uuid4().hex[:8]}"
+    return RunPlan(
+        config=cfg.to_dict(),
+        train_data=train_data,
+        val_data=val_data,
+        num_rows=train_index.num_instances,
+        num_classes=num_classes,
+        preset=preset,
+        image_size=cfg.image_size or DEFAULT_SIZE[preset],
+        arch=cfg.resolved_arch,
+        epochs=cfg.resolved_epochs,
+        objective=objective.to_dict(),
+        output=output,
+        store_name=store_name,
+        create_store=cfg.store_name is None,
+        resume_from=resume_from,
+        resume_snapshot=resume_snapshot,
+    )
