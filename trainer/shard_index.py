@@ -1,0 +1,126 @@
+"""A sharded dataset's metadata: :class:`ShardIndex` (which ids each shard holds, labels).
+
+The metadata files (``dataset.json``, ``index.parquet``) are read first; shard URLs come from
+the index's ``shard`` column, so remote stores are never listed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from trainer.shard_io import DatasetLocation
+
+# --------------------------------------------------------------------------- index
+
+
+@dataclass(frozen=True, eq=False)
+class ShardIndex:
+    """A dataset's metadata: which ids each shard holds, labels, classes.
+
+    Attributes:
+        location: where the dataset lives.
+        shards: shard file names, in the dataset's order.
+        shard_ids: per shard, its ids ascending (int64); a sample's *position* indexes this.
+        labels: int64 ``[N]``, the label of each id (``-1`` unknown).
+        id_shard: int32 ``[N]``, the shard of each id.
+        id_pos: int64 ``[N]``, the position of each id inside its shard.
+        classes: class names.
+        meta: the content of ``dataset.json``.
+    """
+
+    location: DatasetLocation
+    shards: tuple[str, ...]
+    shard_ids: tuple[np.ndarray, ...] = field(repr=False)
+    labels: np.ndarray = field(repr=False)
+    id_shard: np.ndarray = field(repr=False)
+    id_pos: np.ndarray = field(repr=False)
+    classes: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_instances(self) -> int:
+        """``N``: ids are ``[0, N)``."""
+        return len(self.labels)
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        """Samples per shard."""
+        return [len(ids) for ids in self.shard_ids]
+
+    def shard_url(self, shard: int) -> str:
+        """URL of shard number ``shard``."""
+        return self.location.url(self.shards[shard])
+
+    @classmethod
+    def load(cls, location: str | os.PathLike | DatasetLocation) -> ShardIndex:
+        """Read ``dataset.json`` and ``index.parquet`` of a dataset (never lists a directory).
+
+        Raises:
+            ValueError: a file is missing or unreadable, or the index is inconsistent (ids not
+                dense ``[0, N)``, ``N`` not ``num_instances``, a shard not in the shard list).
+        """
+        if not isinstance(location, DatasetLocation):
+            location = DatasetLocation(os.fspath(location))
+        where = location.location
+        try:
+            meta = json.loads(location.read_bytes("dataset.json"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"bad dataset.json in {where}: {exc}") from None
+        try:
+            table = pq.read_table(io.BytesIO(location.read_bytes("index.parquet")))
+        except Exception as exc:  # pyarrow raises its own error types
+            raise ValueError(f"bad index.parquet in {where}: {exc}") from None
+        missing = {"id", "label", "shard"} - set(table.column_names)
+        if missing:
+            raise ValueError(f"index.parquet in {where} lacks columns {sorted(missing)}")
+        ids = table["id"].to_numpy().astype(np.int64, copy=False)
+        n = len(ids)
+        if n == 0 or not np.array_equal(np.sort(ids), np.arange(n)):
+            raise ValueError(f"index.parquet in {where}: ids are not dense [0, N) (N={n})")
+        if meta.get("num_instances", n) != n:
+            raise ValueError(
+                f"{where}: dataset.json says {meta['num_instances']} instances, index has {n}"
+            )
+        encoded = pc.dictionary_encode(table["shard"].combine_chunks())
+        names_in_index = encoded.dictionary.to_pylist()
+        shards = list(meta.get("shards") or sorted(names_in_index))
+        unknown = set(names_in_index) - set(shards)
+        if unknown:
+            raise ValueError(
+                f"index.parquet in {where} names shards not in dataset.json: {unknown}"
+            )
+        position = {name: s for s, name in enumerate(shards)}
+        remap = np.array([position[name] for name in names_in_index], dtype=np.int32)
+        id_shard = np.empty(n, dtype=np.int32)
+        id_shard[ids] = remap[encoded.indices.to_numpy()]
+        labels = np.empty(n, dtype=np.int64)
+        labels[ids] = table["label"].to_numpy()
+        order = np.lexsort((np.arange(n), id_shard))  # ids grouped by shard, ascending
+        bounds = np.searchsorted(id_shard[order], np.arange(len(shards) + 1))
+        shard_ids = tuple(order[bounds[s] : bounds[s + 1]] for s in range(len(shards)))
+        id_pos = np.empty(n, dtype=np.int64)
+        for sid in shard_ids:
+            id_pos[sid] = np.arange(len(sid))
+        return cls(
+            location=location,
+            shards=tuple(shards),
+            shard_ids=shard_ids,
+            labels=labels,
+            id_shard=id_shard,
+            id_pos=id_pos,
+            classes=tuple(meta.get("classes", ())),
+            meta=meta,
+        )
+
+
+def load_index(location: str | os.PathLike | DatasetLocation | ShardIndex) -> ShardIndex:
+    """:meth:`ShardIndex.load`, passing an already loaded index through."""
+    return location if isinstance(location, ShardIndex) else ShardIndex.load(location)
