@@ -1,0 +1,152 @@
+"""Feature store metrics through ``ray.util.metrics`` (DESIGN §2: ``npid_*`` → Prometheus).
+
+# Ray: this module uses Ray's metrics API (recorded in the shard actors and the client;
+# Ray's exporter adds a ``ray_`` prefix to the names).
+
+Metrics:
+
+* ``npid_store_requests_total`` (Counter; tags ``op``, ``shard``): calls served by a shard.
+* ``npid_store_request_seconds`` (Histogram; tag ``op``): end-to-end latency of a store
+  operation as seen by the client (``step``, ``get``, ``snapshot`` …).
+* ``npid_store_rows`` (Gauge; tag ``shard``): rows held by a shard.
+* ``npid_store_snapshot_seconds`` (Histogram): time to write one complete snapshot.
+* ``npid_store_restarts_total`` (Counter; tag ``shard``): shard actor restarts.
+
+Metric objects are created lazily, once per process; recording never raises (a metrics
+failure is logged once and ignored, the store keeps serving).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ray.util import metrics as ray_metrics
+
+logger = logging.getLogger(__name__)
+
+REQUESTS_TOTAL = "npid_store_requests_total"
+REQUEST_SECONDS = "npid_store_request_seconds"
+ROWS = "npid_store_rows"
+SNAPSHOT_SECONDS = "npid_store_snapshot_seconds"
+RESTARTS_TOTAL = "npid_store_restarts_total"
+
+#: Histogram boundaries (seconds) for request latency: 0.5 ms … 60 s.
+REQUEST_BOUNDARIES = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+]  # fmt: skip
+#: Histogram boundaries (seconds) for snapshot duration: 0.1 s … 30 min.
+SNAPSHOT_BOUNDARIES = [0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]
+
+#: name -> (kind, tag keys): the metric definitions, for dashboards and tests.
+DEFINITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    REQUESTS_TOTAL: ("counter", ("op", "shard")),
+    REQUEST_SECONDS: ("histogram", ("op",)),
+    ROWS: ("gauge", ("shard",)),
+    SNAPSHOT_SECONDS: ("histogram", ()),
+    RESTARTS_TOTAL: ("counter", ("shard",)),
+}
+
+
+@dataclass
+class StoreMetrics:
+    """The store's metric objects (one set per process)."""
+
+    requests: Any
+    request_seconds: Any
+    rows: Any
+    snapshot_seconds: Any
+    restarts: Any
+
+    def count_request(self, op: str, shard: int) -> None:
+        """One call of ``op`` served by ``shard``."""
+        _safe(self.requests.inc, 1.0, {"op": op, "shard": str(shard)})
+
+    def observe_request(self, op: str, seconds: float) -> None:
+        """End-to-end latency of one store operation."""
+        _safe(self.request_seconds.observe, seconds, {"op": op})
+
+    def set_rows(self, shard: int, rows: int) -> None:
+        """Rows held by ``shard``."""
+        _safe(self.rows.set, float(rows), {"shard": str(shard)})
+
+    def observe_snapshot(self, seconds: float) -> None:
+        """Duration of one complete snapshot."""
+        _safe(self.snapshot_seconds.observe, seconds, None)
+
+    def count_restart(self, shard: int) -> None:
+        """``shard`` restarted."""
+        _safe(self.restarts.inc, 1.0, {"shard": str(shard)})
+
+
+_warned = False
+_lock = threading.Lock()
+_instance: StoreMetrics | None = None
+
+
+def _safe(record, value: float, tags: dict[str, str] | None) -> None:
+    global _warned
+    try:
+        record(value, tags=tags)
+    except Exception as err:  # metrics must never break the store
+        if not _warned:
+            _warned = True
+            logger.warning("could not record feature store metrics: %s", err)
+
+
+def build_metrics() -> StoreMetrics:
+    """Create fresh metric objects (normally use :func:`store_metrics`)."""
+    return StoreMetrics(
+        requests=ray_metrics.Counter(
+            REQUESTS_TOTAL,
+            description="Calls served by a feature store shard.",
+            tag_keys=DEFINITIONS[REQUESTS_TOTAL][1],
+        ),
+        request_seconds=ray_metrics.Histogram(
+            REQUEST_SECONDS,
+            description="End-to-end latency of a feature store operation (client side).",
+            boundaries=REQUEST_BOUNDARIES,
+            tag_keys=DEFINITIONS[REQUEST_SECONDS][1],
+        ),
+        rows=ray_metrics.Gauge(
+            ROWS,
+            description="Bank rows held by a feature store shard.",
+            tag_keys=DEFINITIONS[ROWS][1],
+        ),
+        snapshot_seconds=ray_metrics.Histogram(
+            SNAPSHOT_SECONDS,
+            description="Seconds to write one complete feature store snapshot.",
+            boundaries=SNAPSHOT_BOUNDARIES,
+            tag_keys=DEFINITIONS[SNAPSHOT_SECONDS][1],
+        ),
+        restarts=ray_metrics.Counter(
+            RESTARTS_TOTAL,
+            description="Feature store shard actor restarts.",
+            tag_keys=DEFINITIONS[RESTARTS_TOTAL][1],
+        ),
+    )
+
+
+def store_metrics() -> StoreMetrics:
+    """This process's metric objects, created on first use."""
+    global _instance
+    with _lock:
+        if _instance is None:
+            _instance = build_metrics()
+        return _instance
+
+
+__all__ = [
+    "DEFINITIONS",
+    "REQUESTS_TOTAL",
+    "REQUEST_SECONDS",
+    "RESTARTS_TOTAL",
+    "ROWS",
+    "SNAPSHOT_SECONDS",
+    "StoreMetrics",
+    "build_metrics",
+    "store_metrics",
+]

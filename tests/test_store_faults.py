@@ -1,0 +1,261 @@
+"""ShardedStore faults: shard restarts, snapshots, restore/resharding, retries, bad snapshots."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from reference import unit
+
+from featurestore import NCE, MemoryBank, SampledSoftmax, ShardedStore
+from featurestore import snapshot as snapshot_module
+from featurestore.bank_shard import initial_rows
+from featurestore.noise import NoiseSpec
+from featurestore.store import actor_name
+
+pytestmark = pytest.mark.ray
+
+N, D, B, K = 211, 16, 12, 40
+NS = "npid-tests"
+
+
+def close(a, b, tol=2e-5):
+    torch.testing.assert_close(a.float().cpu(), b.float().cpu(), rtol=tol, atol=tol)
+
+
+def batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        unit(B, D, seed + 100),
+        torch.randperm(N, generator=g)[:B],
+        torch.randint(0, N, (B, K), generator=g),
+    )
+
+
+def all_rows(store) -> torch.Tensor:
+    return store.get(torch.arange(store.num_rows))
+
+
+def lockstep(store, bank, seeds, objective=None):
+    objective = objective or NCE(num_negatives=K)
+    for i in seeds:
+        f, ids, noise = batch(i)
+        got = store.step(f, ids, objective, noise_ids=noise)
+        want = bank.step(f, ids, objective, noise_ids=noise)
+        close(got.grad, want.grad, tol=1e-5)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def test_killed_shard_restarts_from_its_latest_snapshot(make_store, tmp_path, caplog):
+    store = make_store(num_rows=N, dim=D, num_shards=2, seed=21, snapshot_dir=str(tmp_path))
+    bank = MemoryBank(N, D, seed=21)
+    lockstep(store, bank, range(3))
+    uri = store.snapshot()
+    assert uri == snapshot_module.join(str(tmp_path), "step-000000003")
+    at_snapshot = all_rows(store)
+    lockstep(store, bank, range(3, 5))
+    before = all_rows(store)
+    ray.kill(ray.get_actor(actor_name(store.name, 1), namespace=NS), no_restart=False)
+    with caplog.at_level(logging.WARNING, logger="featurestore.store"):
+        rows = all_rows(store)  # the store keeps answering
+    lo = store.bounds[1]
+    assert torch.equal(rows[lo:], at_snapshot[lo:])  # shard 1: back to the snapshot
+    assert torch.equal(rows[:lo], before[:lo])  # shard 0: untouched
+    assert store.restarts == [0, 1]
+    assert "store is at step 5: 2 steps of updates to those rows were lost" in caplog.text
+    stamp = store.shard_info()[1]["stamp"]
+    assert stamp.reconstructed and stamp.loaded_from == uri and stamp.loaded_step == 3
+    assert store.z == pytest.approx(bank.z) and store.step_count == 5
+    bank.set(torch.arange(lo, N), at_snapshot[lo:])  # what the store now holds
+    lockstep(store, bank, range(5, 7))
+    close(all_rows(store), bank.rows, tol=1e-6)
+
+
+def test_killing_shard_zero_mid_run_keeps_z_counter_and_answers(make_store, tmp_path):
+    store = make_store(
+        num_rows=N, dim=D, num_shards=2, seed=22, snapshot_dir=str(tmp_path), snapshot_every_steps=5
+    )
+    f, ids, _ = batch(22)
+    z = store.step(f, ids, NCE(num_negatives=K)).z
+    done, errors = [], []
+
+    def run():
+        try:
+            for _ in range(60):
+                out = store.step(f, ids, NCE(num_negatives=K))
+                assert out.z == z
+                done.append(1)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    while len(done) < 12:
+        threading.Event().wait(0.01)
+    ray.kill(ray.get_actor(actor_name(store.name, 0), namespace=NS), no_restart=False)
+    worker.join()
+    assert not errors and len(done) == 60
+    assert store.restarts[0] == 1
+    assert store.z == z
+    assert store.step_count >= 61  # clients push the counter past the snapshot's step
+    steps = [m.step for m in snapshot_module.list_snapshots(str(tmp_path))]
+    assert len(steps) == 3 and steps[0] >= 55  # automatic, newest first, last 3 kept
+
+
+def test_restart_without_snapshot_starts_from_seeded_rows(make_store, caplog):
+    store = make_store(num_rows=N, dim=D, num_shards=2, seed=23)
+    f, ids, noise = batch(23)
+    z = store.step(f, ids, NCE(num_negatives=K), noise_ids=noise).z
+    ray.kill(ray.get_actor(actor_name(store.name, 0), namespace=NS), no_restart=False)
+    with caplog.at_level(logging.WARNING, logger="featurestore.store"):
+        rows = all_rows(store)
+    lo = store.bounds[1]
+    assert torch.equal(rows[:lo], initial_rows(23, 0, lo, D))
+    assert "seeded initial rows (no snapshot)" in caplog.text
+    assert "1 steps of updates to those rows were lost" in caplog.text
+    assert store.z is None  # shard 0 lost Z ...
+    assert store.step(f, ids, NCE(num_negatives=K)).z == z  # ... a client that knows it restores it
+    assert store.z == z
+
+
+def test_a_retried_request_is_not_applied_twice(make_store):
+    store = make_store(num_rows=N, dim=D, num_shards=1, seed=24)
+    bank = MemoryBank(N, D, seed=24)
+    actor = store._actors[0]
+    f, ids, noise = batch(24)
+    ray.get([actor.update.remote("req-1", ids, f) for _ in range(2)])
+    bank.update(ids, f)
+    close(all_rows(store), bank.rows, tol=0)
+    obj = SampledSoftmax(num_negatives=K)
+    spec = NoiseSpec(K, False, 0, noise)
+    args = ("req-2", 0, f, ids, obj.to_dict(), spec, None)
+    (_, first), (_, again) = ray.get([actor.step.remote(*args), actor.step.remote(*args)])
+    assert (first["weighted"] == again["weighted"]).all()
+    bank.step(f, ids, obj, noise_ids=noise)
+    close(all_rows(store), bank.rows, tol=0)
+
+
+def test_interrupted_snapshot_leaves_the_previous_one_usable(make_store, tmp_path, monkeypatch):
+    store = make_store(num_rows=N, dim=D, num_shards=2, seed=25, snapshot_dir=str(tmp_path))
+    bank = MemoryBank(N, D, seed=25)
+    lockstep(store, bank, range(2))
+    first = store.snapshot()
+    at_first = all_rows(store)
+    lockstep(store, bank, range(2, 4))
+
+    def crash(manifest):  # dies after every shard file is written, before the commit
+        assert len(list(Path(manifest.uri).glob("shard-*.parquet"))) == 2
+        raise KeyboardInterrupt("killed before the manifest")
+
+    monkeypatch.setattr(snapshot_module, "write_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.snapshot()
+    assert snapshot_module.latest_snapshot(str(tmp_path)) == first
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000000002"]  # debris removed
+    monkeypatch.setattr(snapshot_module, "remove_snapshot", lambda uri: None)  # a hard crash
+    with pytest.raises(KeyboardInterrupt):
+        store.snapshot()
+    partial = tmp_path / "step-000000004"
+    assert partial.is_dir() and not (partial / "manifest.json").exists()
+    assert snapshot_module.latest_snapshot(str(tmp_path)) == first
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="step-000000004"):
+        ShardedStore.restore(str(partial), name=unique("partial"), namespace=NS)
+    restored = ShardedStore.restore(str(tmp_path), num_shards=3, name=unique("r"), namespace=NS)
+    make_store.track(restored)
+    assert restored.num_shards == 3 and restored.step_count == 2
+    assert torch.equal(all_rows(restored), at_first)
+    assert restored.z == pytest.approx(store.z)
+
+
+def test_restore_into_other_shard_counts_and_load(make_store, tmp_path):
+    store = make_store(num_rows=N, dim=D, num_shards=3, seed=26, dtype="bfloat16")
+    lockstep(store, MemoryBank(N, D, seed=26, dtype="bfloat16"), range(3))
+    uri = str(tmp_path / "snap")
+    assert store.snapshot(uri) == uri
+    with pytest.raises(FileExistsError, match="snap"):
+        store.snapshot(uri)
+    rows, z = all_rows(store), store.z
+    two = ShardedStore.restore(uri, num_shards=2, name=unique("two"), namespace=NS)
+    make_store.track(two)
+    one = ShardedStore.restore(f"file://{uri}", num_shards=1, name=unique("one"), namespace=NS)
+    make_store.track(one)
+    for other in (two, one):
+        assert torch.equal(all_rows(other), rows)
+        assert other.z == z and other.step_count == 3 and other.dtype == torch.bfloat16
+    f, ids, noise = batch(30)
+    want = store.step(f, ids, NCE(num_negatives=K), noise_ids=noise)
+    got = two.step(f, ids, NCE(num_negatives=K), noise_ids=noise)
+    close(got.grad, want.grad, tol=1e-5)
+    assert torch.equal(all_rows(two), all_rows(store))
+
+    one.step(f, ids, NCE(num_negatives=K), noise_ids=noise)
+    one.load_snapshot(uri)  # back to the snapshot: rows, Z, step
+    assert torch.equal(all_rows(one), rows) and one.step_count == 3 and one.z == z
+
+    # another shape: refused with the path in the message, the store unchanged
+    wrong = str(tmp_path / "wrong")
+    snapshot_module.write_shard_file(wrong, 0, 1, 0, torch.zeros(N + 1, D), {})
+    snapshot_module.write_manifest(
+        snapshot_module.Manifest(
+            wrong, N + 1, D, "float32", 0.5, 0, None, 0, [0, N + 1],
+            [snapshot_module.ShardFile("shard-00000-of-00001.parquet", 0, N + 1)],
+        )
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"wrong.*212 rows"):
+        one.load_snapshot(wrong)
+    assert torch.equal(all_rows(one), rows)
+    with pytest.raises(ValueError, match="num_rows=211, expected 5"):
+        ShardedStore.restore(uri, num_rows=5, name=unique("x"), namespace=NS)
+    with pytest.raises(TypeError, match="bogus"):
+        ShardedStore.restore(uri, name=unique("x"), namespace=NS, bogus=1)
+    with pytest.raises(ValueError, match="dim=16, expected 8"):
+        ShardedStore.restore(uri, dim=8, name=unique("x"), namespace=NS)
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        ShardedStore.restore(str(tmp_path / "nothing-here"), name=unique("x"), namespace=NS)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(uri, broken)
+    (broken / "shard-00001-of-00003.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="shard-00001-of-00003"):
+        ShardedStore.restore(str(broken), name=unique("x"), namespace=NS)
+    (broken / "shard-00001-of-00003.parquet").write_bytes(b"not parquet" * 64)
+    with pytest.raises(ValueError, match=r"shard-00001-of-00003\.parquet is corrupt"):
+        ShardedStore.restore(str(broken), name=unique("x"), namespace=NS)
+    with pytest.raises(ValueError, match="corrupt"):
+        one.load_snapshot(str(broken))
+
+
+def test_automatic_snapshots_by_steps_and_seconds(make_store, tmp_path):
+    store = make_store(
+        num_rows=N,
+        dim=D,
+        num_shards=2,
+        seed=27,
+        snapshot_dir=f"file://{tmp_path}",
+        snapshot_every_steps=3,
+        snapshot_every_seconds=2.0,
+        keep_snapshots=2,
+    )
+    f, ids, _ = batch(27)
+    obj = SampledSoftmax(num_negatives=K)
+    for _ in range(3):
+        store.step(f, ids, obj)
+    assert [m.step for m in snapshot_module.list_snapshots(str(tmp_path))] == [3]
+    threading.Event().wait(2.1)
+    store.step(f, ids, obj)  # due by time
+    for _ in range(3):
+        store.step(f, ids, obj)  # due by steps at 7
+    kept = snapshot_module.list_snapshots(str(tmp_path))
+    assert [m.step for m in kept] == [7, 4]  # newest first; older ones pruned
+    latest = snapshot_module.read_manifest(snapshot_module.latest_snapshot(str(tmp_path)))
+    assert latest.store_id == store.config.store_id and latest.num_rows == N
