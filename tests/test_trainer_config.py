@@ -135,7 +135,7 @@ def test_plan_resolves_data(tiny_shards, tmp_path):
 def test_plan_rejects_bad_data(tmp_path):
     with pytest.raises(ConfigError, match="no such directory"):
         make_plan(parse_config(["--data", str(tmp_path / "missing")]))
-    with pytest.raises(ConfigError, match="no index.parquet"):
+    with pytest.raises(ConfigError, match=r"no index\.parquet"):
         make_plan(parse_config(["--data", str(tmp_path)]))
 
 

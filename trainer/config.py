@@ -63,6 +63,9 @@ class TrainConfig:
     store_name: str | None = None
     """Attach to this running store instead of creating one."""
     store_dtype: str = "float32"
+    store_gpus_per_shard: float = 0.0
+    """GPUs each store shard reserves with --use-gpu (0 = share: 0.5 / num_shards, so all
+    shards fit on half of one GPU; 1 = one GPU per shard, for banks near a GPU's memory)."""
     bank: str = "store"
     """store: the sharded feature store service; local: an in-process MemoryBank (one
     worker only; the baseline of the trainer benchmark)."""
@@ -118,6 +121,7 @@ class TrainConfig:
             "max_failures",
             "loader_workers",
             "image_size",
+            "store_gpus_per_shard",
         ):
             positive(name, allow_zero=True)
         if not 0 <= self.nce_m <= 1:
@@ -231,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--use-gpu", action="store_true", default=None)
     add("--store-name", help="attach to a running store of this name")
     add("--store-dtype", choices=("float32", "bfloat16", "float16"))
+    add("--store-gpus-per-shard", type=float, help="GPUs per store shard with --use-gpu")
     add("--bank", choices=("store", "local"), help="feature store service or in-process")
     add("--resume", action="store_true", default=None)
     add("--eval-every", type=int)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,10 @@ class RunPlan:
     create_store: bool
     resume_from: str | None
     resume_snapshot: str | None
+    storage_path: str
+    """Ray Train storage of this launch (local path or URL)."""
+    run_name: str
+    """Ray Train run name, unique per launch: checkpoints under storage_path/run_name."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (sent to every worker)."""
@@ -78,7 +83,8 @@ def _load_index(location: str, flag: str) -> ShardIndex:
         raise ConfigError(f"{flag} {location}: {exc}") from None
 
 
-def _preset(index: ShardIndex) -> str:
+def dataset_preset(index: ShardIndex) -> str:
+    """The augmentation preset of a dataset: digits, cifar (images <= 64 px) or imagenet."""
     meta = index.meta
     kind = meta.get("source_type", "")
     if kind == "digits":
@@ -126,7 +132,7 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
     if val_data is not None:
         val_index = _load_index(val_data, "--val-data")
         num_classes = max(num_classes, len(val_index.classes), int(val_index.labels.max()) + 1)
-    preset = _preset(train_index)
+    preset = dataset_preset(train_index)
     objective = resolve_objective(cfg, train_index.num_instances)
     output = os.path.abspath(cfg.output)
     resume_from = resume_snapshot = None
@@ -158,4 +164,6 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
         create_store=cfg.store_name is None,
         resume_from=resume_from,
         resume_snapshot=resume_snapshot,
+        storage_path=cfg.storage_path or os.path.join(output, "ray"),
+        run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
     )

@@ -1,0 +1,114 @@
+"""What the kNN tools read from a sharded dataset (DESIGN §5): labels, keys, single images.
+
+:class:`TrainLabels` is the per-instance metadata (label, webdataset key, source path) the
+service attaches to neighbours; :func:`read_image_bytes` fetches the original image files of
+a few instances (the retrieval figure) by streaming only the shards that hold them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainer.data import IMAGE_FIELDS, ShardIndex, load_index, open_url
+
+__all__ = ["TrainLabels", "read_image_bytes"]
+
+
+@dataclass(frozen=True, eq=False)
+class TrainLabels:
+    """Per-instance metadata of a dataset, indexed by instance id.
+
+    Attributes:
+        index: the dataset's :class:`~trainer.data.ShardIndex`.
+        labels: int64 ``[N]`` (``-1`` = unknown).
+        keys: ``N`` webdataset keys (``index.parquet`` column ``key``).
+        sources: ``N`` source paths (column ``source``), or ``None`` when absent.
+        num_classes: ``C = max(len(classes), max label + 1, 1)``.
+    """
+
+    index: ShardIndex
+    labels: np.ndarray
+    keys: list[str]
+    sources: list[str] | None
+    num_classes: int
+
+    @property
+    def num_instances(self) -> int:
+        return len(self.labels)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.index.classes
+
+    @property
+    def location(self) -> str:
+        return self.index.location.location
+
+    @classmethod
+    def load(cls, location: str | os.PathLike[str] | ShardIndex) -> TrainLabels:
+        """Read ``dataset.json`` and ``index.parquet`` of a dataset (directory or URL).
+
+        Raises:
+            ValueError: missing or inconsistent files (the message names the location).
+        """
+        index = load_index(location)
+        where = index.location.location
+        try:
+            table = pq.read_table(io.BytesIO(index.location.read_bytes("index.parquet")))
+        except Exception as exc:  # pyarrow raises its own error types
+            raise ValueError(f"bad index.parquet in {where}: {exc}") from None
+        if "key" not in table.column_names:
+            raise ValueError(f"index.parquet in {where} lacks the column 'key'")
+        order = np.argsort(table["id"].to_numpy(), kind="stable")  # ids are dense [0, N)
+        keys = _strings(table["key"], order)
+        sources = _strings(table["source"], order) if "source" in table.column_names else None
+        labels = index.labels.astype(np.int64, copy=False)
+        num_classes = max(len(index.classes), int(labels.max()) + 1, 1)
+        return cls(index, labels, keys, sources, num_classes)
+
+
+def _strings(column: pa.ChunkedArray, order: np.ndarray) -> list[str]:
+    values = column.to_pylist()
+    return [str(values[i]) for i in order]
+
+
+def read_image_bytes(data: TrainLabels, ids: Iterable[int]) -> dict[int, bytes]:
+    """The original image file of each of ``ids`` (as stored in the shards).
+
+    Streams each shard holding a wanted id once, up to its last wanted sample.
+
+    Raises:
+        ValueError: an id outside ``[0, N)``, or a wanted sample missing from its shard.
+    """
+    wanted = sorted({int(i) for i in ids})
+    n = data.num_instances
+    bad = [i for i in wanted if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"ids {bad[:5]} are outside [0, {n}) of {data.location}")
+    by_shard: dict[int, dict[str, int]] = defaultdict(dict)
+    for i in wanted:
+        by_shard[int(data.index.id_shard[i])][data.keys[i]] = i
+    found: dict[int, bytes] = {}
+    for shard, need in sorted(by_shard.items()):
+        url = data.index.shard_url(shard)
+        with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                if member.isfile() and key in need and ext.lower() in IMAGE_FIELDS:
+                    handle = tar.extractfile(member)
+                    assert handle is not None
+                    found[need.pop(key)] = handle.read()
+                    if not need:
+                        break
+        if need:
+            raise ValueError(f"{url} lacks the images of ids {sorted(need.values())[:5]}")
+    return found

@@ -1,0 +1,205 @@
+"""Weighted kNN accuracy of a trained encoder, as the trainer reports it.
+
+    python -m knn_service.eval --checkpoint CKPT --train-data DIR --val-data DIR
+        [--recompute | --store-name NAME [--namespace NS] | --snapshot URI]
+        [--kind flat|ivf] [--k 200] [--temperature 0.07] [--batch-size 256]
+
+Prints one JSON object: ``top1`` and ``top5`` (fractions) of the ``k``-NN weighted vote
+(Wu et al. §3.4) of every validation image, plus the inputs used. Validation features are
+always computed with the checkpoint's encoder and its test transform. Train features are
+
+- ``--recompute``: recomputed the same way (the trainer's final ``"recomputed"`` record);
+- ``--store-name``: the memory bank of a running feature store (attach + export; the
+  trainer's per-epoch ``"bank"`` records);
+- ``--snapshot``: the bank rows of a store snapshot (a snapshot directory or a snapshot dir
+  holding several: the newest), read without Ray.
+
+The numbers come from the trainer's own functions (:func:`trainer.evaluation.extract_features`,
+:func:`~trainer.evaluation.index_from_export`, :func:`~trainer.evaluation.knn_accuracy`) with
+the trainer's class count and batch size, so they equal what the trainer reports for the
+same inputs. ``--k`` and ``--temperature`` default to the training config's ``knn_k`` and
+``nce_t`` for a training checkpoint, else 200 and 0.07. Samples that do not decode are left
+out (and counted under ``"skipped"``). Bad input: one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+import torch
+
+from knn_service.cli import OneLineParser, UsageError, positive_float, positive_int, run
+from knn_service.encoders import Encoder, load_encoder_from
+from knn_service.index import KnnIndex
+
+logger = logging.getLogger("knn_service.eval")
+
+PROG = "python -m knn_service.eval"
+DEFAULT_K = 200
+DEFAULT_TEMPERATURE = 0.07
+EVAL_BATCH = 256  # trainer.loop.EVAL_BATCH
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = OneLineParser(prog=PROG, description="kNN top-1/top-5 of a trained encoder (JSON).")
+    p.add_argument("--checkpoint", required=True, help="exported encoder, checkpoint or run dir")
+    p.add_argument("--train-data", required=True, help="training shards (labels; recompute)")
+    p.add_argument("--val-data", required=True, help="validation shards")
+    bank = p.add_mutually_exclusive_group()
+    bank.add_argument(
+        "--recompute", action="store_true", help="recompute train features (test transform)"
+    )
+    bank.add_argument("--store-name", help="train features: the bank of this running store")
+    bank.add_argument("--snapshot", help="train features: the bank rows of this store snapshot")
+    p.add_argument("--namespace", default="npid", help="Ray namespace of --store-name")
+    p.add_argument("--kind", choices=("flat", "ivf"), default="flat", help="index kind")
+    p.add_argument("--k", type=positive_int, default=None, help="neighbours (default 200)")
+    p.add_argument(
+        "--temperature", type=positive_float, default=None, help="vote temperature (0.07)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH, help="encoding batch")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    return p
+
+
+def _load_index(location: str, flag: str):
+    from trainer.data import ShardIndex
+
+    try:
+        return ShardIndex.load(location)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{flag} {location}: {exc}") from None
+
+
+def _encode(encoder: Encoder, index, batch_size: int, num_workers: int):
+    """``(features [N, d], seen [N])`` of every instance of ``index`` (trainer's function)."""
+    from trainer.data import eval_loader
+    from trainer.evaluation import extract_features
+
+    loader = eval_loader(index, batch_size, encoder.transform, num_workers=num_workers)
+    return extract_features(encoder.model, loader, index.num_instances, encoder.dim, encoder.device)
+
+
+def _bank_batches(args: argparse.Namespace, dim: int, num_rows: int):
+    """``(record batches, description)`` of the bank rows from the store or snapshot."""
+    if args.store_name is not None:
+        from featurestore.store import ShardedStore
+
+        try:
+            store = ShardedStore.attach(args.store_name, namespace=args.namespace)
+        except (LookupError, ValueError) as exc:
+            raise UsageError(f"--store-name {args.store_name}: {exc}") from None
+        found_dim, found_rows, batches = store.dim, store.num_rows, store.export()
+        described: dict[str, Any] = {"store_name": args.store_name, "namespace": args.namespace}
+        flag = f"--store-name {args.store_name}"
+    else:
+        from featurestore import snapshot
+
+        try:
+            manifest = snapshot.read_manifest(snapshot.resolve(args.snapshot))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--snapshot {args.snapshot}: {exc}") from None
+        found_dim, found_rows = manifest.dim, manifest.num_rows
+        batches = snapshot.iter_batches(manifest)
+        described = {"snapshot": manifest.uri, "step": manifest.step}
+        flag = f"--snapshot {args.snapshot}"
+    if found_dim != dim:
+        raise UsageError(f"{flag}: the bank has dim {found_dim} but the encoder embeds in {dim}")
+    if found_rows != num_rows:
+        raise UsageError(
+            f"{flag}: the bank has {found_rows} rows but --train-data has {num_rows} instances"
+        )
+    return batches, described
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the evaluation described by parsed ``args``; returns the printed record."""
+    from trainer.evaluation import index_from_export, knn_accuracy
+
+    if not (args.recompute or args.store_name or args.snapshot):
+        raise UsageError(
+            "the train features are the bank: pass --store-name or --snapshot, or --recompute"
+        )
+    if args.num_workers < 0:
+        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    train_index = _load_index(args.train_data, "--train-data")
+    val_index = _load_index(args.val_data, "--val-data")
+    try:
+        encoder = load_encoder_from(args.checkpoint, train_index, device=device)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
+    cfg = encoder.config
+    k = args.k or (cfg.knn_k if cfg is not None else DEFAULT_K)
+    temperature = args.temperature or (cfg.nce_t if cfg is not None else DEFAULT_TEMPERATURE)
+    num_classes = max(  # as trainer.plan.make_plan
+        len(train_index.classes),
+        int(train_index.labels.max()) + 1,
+        1,
+        len(val_index.classes),
+        int(val_index.labels.max()) + 1,
+    )
+    train_labels = torch.from_numpy(train_index.labels)
+
+    bank: dict[str, Any] | None = None
+    skipped_train = 0
+    if args.recompute:
+        feats, seen = _encode(encoder, train_index, args.batch_size, args.num_workers)
+        skipped_train = int((~seen).sum())
+        if skipped_train or args.kind != "flat":
+            train: KnnIndex | torch.Tensor = KnnIndex(dim=encoder.dim, kind=args.kind)
+            train.add(feats[seen], ids=torch.nonzero(seen).flatten())
+        else:
+            train = feats  # exactly what the trainer passes
+    else:
+        batches, bank = _bank_batches(args, encoder.dim, train_index.num_instances)
+        train = index_from_export(batches, encoder.dim, args.kind)
+
+    val_feats, val_seen = _encode(encoder, val_index, args.batch_size, args.num_workers)
+    val_labels = torch.from_numpy(val_index.labels)
+    skipped_val = int((~val_seen).sum())
+    if skipped_val:
+        val_feats, val_labels = val_feats[val_seen], val_labels[val_seen]
+    if len(val_labels) == 0:
+        raise UsageError(f"--val-data {args.val_data}: no image decodes")
+    if int(val_labels.min()) < 0:
+        raise UsageError(f"--val-data {args.val_data}: has images without a label (-1)")
+    size = len(train) if isinstance(train, KnnIndex) else int(train.shape[0])
+    result = knn_accuracy(train, train_labels, val_feats, val_labels, num_classes, k, temperature)
+    return {
+        "top1": result["knn_top1"],
+        "top5": result["knn_top5"],
+        "k": k,
+        "k_used": min(k, size),
+        "temperature": temperature,
+        "features": "recomputed" if args.recompute else "bank",
+        "bank": bank,
+        "kind": args.kind,
+        "encoder": encoder.describe(),
+        "train_data": args.train_data,
+        "val_data": args.val_data,
+        "num_train": size,
+        "num_val": len(val_labels),
+        "num_classes": num_classes,
+        "batch_size": args.batch_size,
+        "device": str(encoder.device),
+        "skipped": {"train": skipped_train, "val": skipped_val},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; prints the JSON record, returns the exit status."""
+    args = parser().parse_args(argv)
+    record = evaluate(args)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(PROG, main))

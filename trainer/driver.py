@@ -1,0 +1,112 @@
+"""The driver side of a run: Ray, the feature store and the Ray Train TorchTrainer.
+
+# Ray: this module and trainer/loop.py are where the trainer touches Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from trainer.config import ConfigError, TrainConfig
+from trainer.loop import train_loop_per_worker
+from trainer.plan import RunPlan
+
+logger = logging.getLogger(__name__)
+
+
+def connect() -> bool:
+    """Connect to Ray (``RAY_ADDRESS`` when set, else a new local instance).
+
+    Returns:
+        True when this call started Ray (and the run should shut it down).
+    """
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(log_to_driver=True)
+    return True
+
+
+def open_store(cfg: TrainConfig, plan: RunPlan):
+    """Create the run's store or attach to ``--store-name``; check it fits the data."""
+    if cfg.bank == "local":
+        return None
+    from featurestore.store import ShardedStore
+
+    if not plan.create_store:
+        try:
+            store = ShardedStore.attach(plan.store_name)
+        except (LookupError, ValueError) as exc:
+            raise ConfigError(f"--store-name {plan.store_name}: {exc}") from None
+        if store.dim != cfg.low_dim:
+            raise ConfigError(
+                f"--store-name {plan.store_name}: the store has dim {store.dim}, "
+                f"--low-dim is {cfg.low_dim}"
+            )
+        if store.num_rows < plan.num_rows:
+            raise ConfigError(
+                f"--store-name {plan.store_name}: the store has {store.num_rows} "
+                f"rows but --data has ids up to {plan.num_rows - 1}"
+            )
+        return store
+    return ShardedStore(
+        num_rows=plan.num_rows,
+        dim=cfg.low_dim,
+        num_shards=cfg.num_shards,
+        momentum=cfg.nce_m,
+        seed=cfg.seed,
+        name=plan.store_name,
+        num_gpus_per_shard=(cfg.store_gpus_per_shard or 0.5 / cfg.num_shards) if cfg.use_gpu else 0,
+        dtype=cfg.store_dtype,
+        snapshot_dir=str(Path(plan.output) / "snapshots"),
+    )
+
+
+def build_trainer(cfg: TrainConfig, plan: RunPlan) -> TorchTrainer:
+    """The TorchTrainer: W workers of 1 CPU (1 GPU with --use-gpu), gloo or nccl."""
+    resources = {"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": 1}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "plan": plan.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            # Ray Train V2's controller reserves no resources (its `trainer_resources` is
+            # deprecated), so W workers of 1 CPU fit on W cores.
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=plan.run_name,
+            storage_path=plan.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def run(cfg: TrainConfig, plan: RunPlan) -> None:
+    """Train; raises on failure. Starts and stops Ray and the store when it made them."""
+    Path(plan.output).mkdir(parents=True, exist_ok=True)
+    started = connect()
+    store = None
+    try:
+        store = open_store(cfg, plan)
+        result = build_trainer(cfg, plan).fit()
+        if result.error is not None:
+            raise result.error
+    finally:
+        if store is not None and plan.create_store:
+            store.shutdown()
+        if started:
+            ray.shutdown()
