@@ -67,8 +67,16 @@ class RunPlan:
         return Objective.from_dict(self.objective)
 
 
+def _is_url(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
+def _absolute(location: str) -> str:
+    return location if _is_url(location) else os.path.abspath(location)
+
+
 def _load_index(location: str, flag: str) -> ShardIndex:
-    if "://" not in location and not location.startswith("pipe:"):
+    if not _is_url(location):
         path = Path(location)
         if not path.exists():
             raise ConfigError(f"{flag} {location}: no such directory")
@@ -125,8 +133,8 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
         cache = os.environ.get("NPID_CACHE_DIR")
         train_data = str(ensure_builtin_dataset(cache, "train"))
         val_data = cfg.val_data or str(ensure_builtin_dataset(cache, "test"))
-    else:
-        train_data, val_data = cfg.data, cfg.val_data
+    else:  # workers run in another directory: local paths become absolute
+        train_data, val_data = _absolute(cfg.data), cfg.val_data and _absolute(cfg.val_data)
     train_index = _load_index(train_data, "--data")
     num_classes = max(len(train_index.classes), int(train_index.labels.max()) + 1, 1)
     if val_data is not None:
