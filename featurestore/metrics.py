@@ -14,6 +14,9 @@ Metrics:
 
 Metric objects are created lazily, once per process; recording never raises (a metrics
 failure is logged once and ignored, the store keeps serving).
+
+Ray drops a gauge from its exporter two export intervals (2 × 10 s by default) after it
+was last set, so gauges that change rarely are re-set by a :class:`GaugeKeeper` thread.
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ class StoreMetrics:
         _safe(self.request_seconds.observe, seconds, {"op": op})
 
     def set_rows(self, shard: int, rows: int) -> None:
-        """Rows held by ``shard``."""
-        _safe(self.rows.set, float(rows), {"shard": str(shard)})
+        """Rows held by ``shard`` (kept exported by a :class:`GaugeKeeper`)."""
+        _gauge_keeper().set(self.rows, float(rows), {"shard": str(shard)})
 
     def observe_snapshot(self, seconds: float) -> None:
         """Duration of one complete snapshot."""
@@ -150,3 +153,50 @@ __all__ = [
     "build_metrics",
     "store_metrics",
 ]
+
+
+class GaugeKeeper:
+    """Keeps gauges exported by setting them again every ``period_s`` seconds.
+
+    Ray's exporter forgets a gauge two export intervals after its last ``set``; a gauge
+    that changes once an epoch (or never, like a shard's row count) would vanish from
+    Prometheus in between. ``set`` records the value and sets it now; a daemon thread
+    re-sets every recorded value.
+    """
+
+    def __init__(self, period_s: float = 5.0) -> None:
+        self.period_s = period_s
+        self._values: dict[tuple[int, tuple], tuple[Any, float, dict[str, str] | None]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def set(self, gauge: Any, value: float, tags: dict[str, str] | None = None) -> None:
+        """Set ``gauge`` to ``value`` (with ``tags``) now and keep it set."""
+        key = (id(gauge), tuple(sorted((tags or {}).items())))
+        with self._lock:
+            self._values[key] = (gauge, float(value), tags)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="npid-gauge-keeper", daemon=True
+                )
+                self._thread.start()
+        _safe(gauge.set, float(value), tags)
+
+    def _run(self) -> None:
+        stop = threading.Event()
+        while not stop.wait(self.period_s):
+            with self._lock:
+                values = list(self._values.values())
+            for gauge, value, tags in values:
+                _safe(gauge.set, value, tags)
+
+
+_KEEPER: GaugeKeeper | None = None
+
+
+def _gauge_keeper() -> GaugeKeeper:
+    """This process's :class:`GaugeKeeper`."""
+    global _KEEPER
+    if _KEEPER is None:
+        _KEEPER = GaugeKeeper()
+    return _KEEPER

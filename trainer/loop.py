@@ -166,8 +166,8 @@ def _evaluate(w: Worker, epoch: int, step: int, recompute: bool = False) -> dict
         w.cfg.nce_t,
     )
     metrics = train_metrics()
-    metrics.knn_top1.set(result["knn_top1"])
-    metrics.knn_top5.set(result["knn_top5"])
+    metrics.keep(metrics.knn_top1, result["knn_top1"])
+    metrics.keep(metrics.knn_top5, result["knn_top5"])
     return result
 
 
@@ -178,7 +178,7 @@ def _train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, 
         group["lr"] = lr
     objective = w.plan.build_objective()
     metrics = train_metrics()
-    metrics.epoch.set(epoch + 1)
+    metrics.keep(metrics.epoch, epoch + 1)
     loader.set_epoch(epoch)
     w.model.train()
     total, count, images = 0.0, 0, 0

@@ -13,6 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from featurestore.metrics import GaugeKeeper
+
 logger = logging.getLogger(__name__)
 
 #: Names the Grafana dashboard and the monitoring test rely on.
@@ -48,6 +50,11 @@ class TrainMetrics:
         )
         self.knn_top1 = Gauge("npid_knn_top1", description="Weighted kNN top-1 accuracy.")
         self.knn_top5 = Gauge("npid_knn_top5", description="Weighted kNN top-5 accuracy.")
+        self._keeper = GaugeKeeper()
+
+    def keep(self, gauge, value: float) -> None:
+        """Set a gauge that changes rarely (epoch, kNN) and keep it exported between sets."""
+        self._keeper.set(gauge, value)
 
 
 @lru_cache(maxsize=1)
