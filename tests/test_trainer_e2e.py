@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """64 train and 24 test images (16×16 RGB, 4 classes), 3 uneven shards for training."""
+    """64 train (one corrupt) and 24 test images (16×16 RGB, 4 classes), 3 uneven shards."""
     import numpy as np
     from PIL import Image
 
@@ -46,7 +46,19 @@ def shards(tmp_path_factory):
             Image.fromarray(pixels).save(src / f"c{label}" / f"{i:03d}.png")
         make_shards(src, root / split, shard_size=25, progress=False)
         out[split] = root / split
+    _corrupt_one_image(root / "train" / "shard-000000.tar")
     return out
+
+
+def _corrupt_one_image(shard: Path) -> None:
+    """Overwrite the bytes of the shard's first image in place (tar structure intact)."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+    with shard.open("r+b") as fh:
+        fh.seek(member.offset_data)
+        fh.write(b"\0" * member.size)
 
 
 def _args(shards, output, *extra):
@@ -118,6 +130,8 @@ def test_cli_end_to_end_two_workers_two_shards(shards, tmp_path):
     assert steps_per_epoch  # documented above; exact count checked through the ratio
     for r in records[1:3]:
         assert r["features"] == "bank" and r["loss"] > 0 and r["images_per_sec"] > 0
+        assert r["skipped"] == 1  # the corrupt image: skipped, counted, reported
+    assert (result.stdout + result.stderr).count("skipped 1 corrupt samples") == 2
     for r in records:
         assert 0 <= r["knn_top1"] <= r["knn_top5"] <= 1
     assert records[-1]["features"] == "recomputed"

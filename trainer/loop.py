@@ -171,8 +171,8 @@ def _evaluate(w: Worker, epoch: int, step: int, recompute: bool = False) -> dict
     return result
 
 
-def _train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, float]:
-    """One epoch; returns ``(step, mean loss over all ranks, images/s over all ranks)``."""
+def _train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, float, int]:
+    """One epoch: ``(step, mean loss, images/s, corrupt samples skipped)``, all ranks."""
     lr = learning_rate(w.cfg, epoch, w.plan.epochs)
     for group in w.optimizer.param_groups:
         group["lr"] = lr
@@ -212,11 +212,14 @@ def _train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, 
     elapsed = time.perf_counter() - start
     if loader.epoch_skipped:
         metrics.skipped.inc(loader.epoch_skipped)
-        logger.warning("epoch %d: skipped %d corrupt samples", epoch + 1, loader.epoch_skipped)
-    sums = torch.tensor([total, count, images, elapsed], dtype=torch.float64)
+    sums = torch.tensor([total, count, images, elapsed, loader.epoch_skipped], dtype=torch.float64)
     if w.world > 1 and dist.is_initialized():
         dist.all_reduce(sums)
-    return step, float(sums[0] / max(1.0, sums[1])), float(sums[2] / (sums[3] / w.world))
+    skipped = int(sums[4])
+    if skipped and w.rank == 0:  # reported once per epoch, for all ranks
+        logger.warning("epoch %d: skipped %d corrupt samples", epoch + 1, skipped)
+    loss_mean = float(sums[0] / max(1.0, sums[1]))
+    return step, loss_mean, float(sums[2] / (sums[3] / w.world)), skipped
 
 
 def _checkpoint(w: Worker, epoch: int, step: int, record: dict) -> None:
@@ -278,14 +281,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             },
         )
     for epoch in range(start_epoch, epochs):
-        step, loss, ips = _train_epoch(w, loader, epoch, step)
+        step, loss, ips, skipped = _train_epoch(w, loader, epoch, step)
         done = epoch + 1
         record = {
             "epoch": done,
             "step": step,
             "loss": loss,
             "images_per_sec": ips,
-            "skipped": loader.epoch_skipped,
+            "skipped": skipped,
         }
         if w.rank == 0 and (done % w.cfg.eval_every == 0 or done == epochs):
             record.update(features="bank", **_evaluate(w, done, step))
