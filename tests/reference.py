@@ -6,9 +6,13 @@ autograd produce ``∂loss/∂f``. Tests compare the store's partial-statistics 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from featurestore import NCE, SampledSoftmax, Softmax
 
 
 def _prox(x: Tensor, pos: Tensor, prox_lambda: float) -> Tensor:
@@ -84,3 +88,29 @@ def unit(n: int, d: int, seed: int) -> Tensor:
     """``n`` random unit vectors of dimension ``d``."""
     g = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+def bad_step_cases(feats: Tensor, ids: Tensor, noise: Tensor, num_rows: int, k: int):
+    """``(message, step kwargs)`` for every bad ``step`` input, shared by the bank and store
+    tests so both are held to the same errors. ``noise`` is ``[B, K]`` in range."""
+    f, n = feats, num_rows
+    nce = NCE(num_negatives=k)
+    return [
+        ("out of range", dict(feats=f, ids=ids.clone().fill_(n), objective=nce)),
+        ("out of range", dict(feats=f, ids=ids - 1000, objective=nce)),
+        ("integer dtype", dict(feats=f, ids=ids.float(), objective=nce)),
+        ("1-D", dict(feats=f, ids=ids.view(-1, 1), objective=nce)),
+        ("entries but the batch", dict(feats=f, ids=ids[:-1], objective=nce)),
+        ("shape", dict(feats=f[:, :-1], ids=ids, objective=nce)),
+        ("shape", dict(feats=f[0], ids=ids[:1], objective=nce)),
+        ("floating dtype", dict(feats=f.long(), ids=ids, objective=nce)),
+        ("non-finite", dict(feats=f.clone().fill_(math.nan), ids=ids, objective=nce)),
+        ("non-finite", dict(feats=f.clone().fill_(math.inf), ids=ids, objective=nce)),
+        ("larger than", dict(feats=f, ids=ids, objective=NCE(num_negatives=n + 1))),
+        ("larger than", dict(feats=f, ids=ids, objective=SampledSoftmax(num_negatives=n + 1))),
+        ("noise_ids must have", dict(feats=f, ids=ids, objective=nce, noise_ids=noise[:, :3])),
+        ("noise_ids out of range", dict(feats=f, ids=ids, objective=nce, noise_ids=noise + n)),
+        ("scores all rows", dict(feats=f, ids=ids, objective=Softmax(), noise_ids=noise)),
+        ("empty batch", dict(feats=f[:0], ids=ids[:0], objective=nce)),
+        ("objective must be", dict(feats=f, ids=ids, objective="nce")),
+    ]

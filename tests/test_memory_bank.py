@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import (
+    bad_step_cases,
     momentum_update_reference,
     nce_reference,
     sampled_softmax_reference,
@@ -198,27 +199,7 @@ def test_state_dict_roundtrip():
 
 
 def _bad_step_cases():
-    f, ids, noise = make_batch(12)
-    nce = NCE(num_negatives=K)
-    return [
-        ("out of range", dict(feats=f, ids=ids.clone().fill_(N), objective=nce)),
-        ("out of range", dict(feats=f, ids=ids - 1000, objective=nce)),
-        ("integer dtype", dict(feats=f, ids=ids.float(), objective=nce)),
-        ("1-D", dict(feats=f, ids=ids.view(-1, 1), objective=nce)),
-        ("entries but the batch", dict(feats=f, ids=ids[:-1], objective=nce)),
-        ("shape", dict(feats=f[:, :-1], ids=ids, objective=nce)),
-        ("shape", dict(feats=f[0], ids=ids[:1], objective=nce)),
-        ("floating dtype", dict(feats=f.long(), ids=ids, objective=nce)),
-        ("non-finite", dict(feats=f.clone().fill_(math.nan), ids=ids, objective=nce)),
-        ("non-finite", dict(feats=f.clone().fill_(math.inf), ids=ids, objective=nce)),
-        ("larger than", dict(feats=f, ids=ids, objective=NCE(num_negatives=N + 1))),
-        ("larger than", dict(feats=f, ids=ids, objective=SampledSoftmax(num_negatives=N + 1))),
-        ("noise_ids must have", dict(feats=f, ids=ids, objective=nce, noise_ids=noise[:, :3])),
-        ("noise_ids out of range", dict(feats=f, ids=ids, objective=nce, noise_ids=noise + N)),
-        ("scores all rows", dict(feats=f, ids=ids, objective=Softmax(), noise_ids=noise)),
-        ("empty batch", dict(feats=f[:0], ids=ids[:0], objective=nce)),
-        ("objective must be", dict(feats=f, ids=ids, objective="nce")),
-    ]
+    return bad_step_cases(*make_batch(12), N, K)
 
 
 @pytest.mark.parametrize("case", range(len(_bad_step_cases())))

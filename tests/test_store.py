@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from reference import unit
+from reference import bad_step_cases, unit
 
 from featurestore import NCE, MemoryBank, SampledSoftmax, ShardedStore, Softmax
 from featurestore import metrics as store_metrics_module
@@ -235,27 +235,7 @@ def test_concurrent_clients_lose_no_update(make_store, ray_cluster):
 
 
 def _bad_step_cases():
-    f, ids, noise = batch(12)
-    nce = NCE(num_negatives=K)
-    return [
-        ("out of range", dict(feats=f, ids=ids.clone().fill_(N), objective=nce)),
-        ("out of range", dict(feats=f, ids=ids - 1000, objective=nce)),
-        ("integer dtype", dict(feats=f, ids=ids.float(), objective=nce)),
-        ("1-D", dict(feats=f, ids=ids.view(-1, 1), objective=nce)),
-        ("entries but the batch", dict(feats=f, ids=ids[:-1], objective=nce)),
-        ("shape", dict(feats=f[:, :-1], ids=ids, objective=nce)),
-        ("shape", dict(feats=f[0], ids=ids[:1], objective=nce)),
-        ("floating dtype", dict(feats=f.long(), ids=ids, objective=nce)),
-        ("non-finite", dict(feats=f.clone().fill_(math.nan), ids=ids, objective=nce)),
-        ("non-finite", dict(feats=f.clone().fill_(math.inf), ids=ids, objective=nce)),
-        ("larger than", dict(feats=f, ids=ids, objective=NCE(num_negatives=N + 1))),
-        ("larger than", dict(feats=f, ids=ids, objective=SampledSoftmax(num_negatives=N + 1))),
-        ("noise_ids must have", dict(feats=f, ids=ids, objective=nce, noise_ids=noise[:, :3])),
-        ("noise_ids out of range", dict(feats=f, ids=ids, objective=nce, noise_ids=noise + N)),
-        ("scores all rows", dict(feats=f, ids=ids, objective=Softmax(), noise_ids=noise)),
-        ("empty batch", dict(feats=f[:0], ids=ids[:0], objective=nce)),
-        ("objective must be", dict(feats=f, ids=ids, objective="nce")),
-    ]
+    return bad_step_cases(*batch(12), N, K)
 
 
 def test_bad_input_raises_value_error_and_leaves_store_unchanged(make_store):
