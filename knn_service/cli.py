@@ -36,59 +36,37 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message}\n")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number_type(
+    convert: Callable[[str], float], noun: str, ok: Callable[[float], bool], bound: str
+) -> Callable[[str], float]:
+    """An argparse type: ``convert(text)`` that must satisfy ``ok``, else a one-line error."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an int >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def port_number(text: str) -> int:
-    """argparse type: a TCP port in ``[0, 65535]`` (0: any free port)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+#: argparse type: an int >= 1.
+positive_int = _number_type(int, "an integer", lambda v: v >= 1, ">= 1")
+#: argparse type: an int >= 0.
+non_negative_int = _number_type(int, "an integer", lambda v: v >= 0, ">= 0")
+#: argparse type: a finite float >= 0.
+non_negative_float = _number_type(
+    float, "a number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"
+)
+#: argparse type: a TCP port in [0, 65535] (0: any free port).
+port_number = _number_type(int, "a port number", lambda v: 0 <= v <= 65535, "in [0, 65535]")
+#: argparse type: a finite float > 0.
+positive_float = _number_type(
+    float, "a number", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"
+)
 
 
 def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
