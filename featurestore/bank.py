@@ -22,6 +22,7 @@ from featurestore.noise import NoiseSpec, local_noise, sample_ids, step_seed
 from featurestore.objectives import NCE, Objective
 from featurestore.statistics import DEFAULT_MEMORY_BUDGET, estimate_z, merge
 from featurestore.validation import (
+    check_count,
     check_ids,
     check_rows,
     check_shape_args,
@@ -115,8 +116,7 @@ class MemoryBank:
 
     def sample(self, n: int, seed: int | None = None) -> tuple[Tensor, Tensor]:
         """``n`` uniform noise rows: ``(ids [n] int64, rows [n, d] float32)``."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        check_count(n)
         ids = sample_ids(n, self.num_rows, self.seed + self.step_count if seed is None else seed)
         return ids, self._shard.get(ids)
 

@@ -52,6 +52,7 @@ from featurestore.shard_actor import (
 from featurestore.snapshot import latest_snapshot
 from featurestore.statistics import DEFAULT_MEMORY_BUDGET, estimate_z, merge
 from featurestore.validation import (
+    check_count,
     check_ids,
     check_rows,
     check_step,
@@ -614,8 +615,7 @@ class ShardedStore:
         client, so concurrent clients draw different ids).
         """
         self._check_open()
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        check_count(n)
         if seed is None:
             mix = [self.seed, self.step_count, int(self._client_id[:15], 16), next(self._requests)]
             seed = int(np.random.SeedSequence(mix).generate_state(1, dtype=np.uint64)[0] >> 1)

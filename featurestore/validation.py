@@ -42,6 +42,13 @@ def check_shape_args(num_rows: int, dim: int, momentum: float) -> None:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
 
 
+def check_count(n: int, name: str = "n") -> int:
+    """``n`` as a non-negative int (a number of rows to sample, say)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+    return n
+
+
 def check_ids(ids: Tensor, num_rows: int, name: str = "ids", length: int | None = None) -> Tensor:
     """``ids`` as a 1-D int64 CPU tensor of row ids in ``[0, num_rows)``."""
     if not isinstance(ids, Tensor):
@@ -110,6 +117,7 @@ def check_step(
 
 
 __all__ = [
+    "check_count",
     "check_ids",
     "check_rows",
     "check_shape_args",
