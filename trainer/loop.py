@@ -60,6 +60,9 @@ class Worker:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     bank: object  # ShardedStore or MemoryBank: the same interface
+    train_index: ShardIndex
+    val_index: ShardIndex | None
+    """Dataset indexes, read once per worker (not at every evaluation)."""
 
     @property
     def encoder(self) -> nn.Module:
@@ -96,7 +99,10 @@ def _setup(loop_config: dict) -> Worker:
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    return Worker(cfg, plan, rank, world, device, model, optimizer, _open_bank(cfg, plan))
+    train_index = ShardIndex.load(plan.train_data)
+    val_index = ShardIndex.load(plan.val_data) if plan.val_data is not None else None
+    bank = _open_bank(cfg, plan)
+    return Worker(cfg, plan, rank, world, device, model, optimizer, bank, train_index, val_index)
 
 
 def _resume(w: Worker) -> tuple[int, int]:
@@ -130,29 +136,22 @@ def _resume(w: Worker) -> tuple[int, int]:
     return state.epoch, state.step
 
 
-def _evaluate(w: Worker, epoch: int, step: int, recompute: bool = False) -> dict[str, float]:
-    """kNN top-1/top-5 on the validation data (rank 0 only)."""
-    if w.plan.val_data is None:
-        return {}
+def _encode_all(w: Worker, index: ShardIndex) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every instance of ``index`` with the test transform: ``(feats, seen)``."""
     test_tf = build_transform(w.plan.preset, train=False, image_size=w.plan.image_size)
-    val_index = ShardIndex.load(w.plan.val_data)
-    train_index = ShardIndex.load(w.plan.train_data)
-    val_feats, val_seen = extract_features(
-        w.encoder,
-        eval_loader(val_index, EVAL_BATCH, test_tf),
-        val_index.num_instances,
-        w.cfg.low_dim,
-        w.device,
-    )
-    train_labels = torch.from_numpy(train_index.labels)
+    loader = eval_loader(index, EVAL_BATCH, test_tf)
+    return extract_features(w.encoder, loader, index.num_instances, w.cfg.low_dim, w.device)
+
+
+def _evaluate(w: Worker, recompute: bool = False) -> dict[str, float]:
+    """kNN top-1/top-5 on the validation data (rank 0 only): train features from the bank,
+    or recomputed with the test transform."""
+    if w.val_index is None:
+        return {}
+    val_feats, val_seen = _encode_all(w, w.val_index)
+    train_labels = torch.from_numpy(w.train_index.labels)
     if recompute:
-        train, seen = extract_features(
-            w.encoder,
-            eval_loader(train_index, EVAL_BATCH, test_tf),
-            train_index.num_instances,
-            w.cfg.low_dim,
-            w.device,
-        )
+        train, seen = _encode_all(w, w.train_index)
         train, train_labels = train[seen], train_labels[seen]  # skipped samples left out
     else:
         train = index_from_export(w.bank.export(), w.cfg.low_dim)
@@ -160,7 +159,7 @@ def _evaluate(w: Worker, epoch: int, step: int, recompute: bool = False) -> dict
         train,
         train_labels,
         val_feats[val_seen],
-        torch.from_numpy(val_index.labels)[val_seen],
+        torch.from_numpy(w.val_index.labels)[val_seen],
         w.plan.num_classes,
         w.cfg.knn_k,
         w.cfg.nce_t,
@@ -258,7 +257,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     epochs = w.plan.epochs
     train_tf = build_transform(w.plan.preset, train=True, image_size=w.plan.image_size)
     loader = train_loader(
-        w.plan.train_data,
+        w.train_index,
         w.cfg.resolved_batch_size // w.world,
         train_tf,
         rank=w.rank,
@@ -268,7 +267,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
     if start_epoch == 0 and step == 0 and w.rank == 0:
         # Before the first step the bank holds random rows: evaluate recomputed features.
-        knn = _evaluate(w, 0, 0, recompute=True)
+        knn = _evaluate(w, recompute=True)
         _record(
             w,
             {
@@ -291,14 +290,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "skipped": skipped,
         }
         if w.rank == 0 and (done % w.cfg.eval_every == 0 or done == epochs):
-            record.update(features="bank", **_evaluate(w, done, step))
+            record.update(features="bank", **_evaluate(w))
         _record(w, record)
         if done % w.cfg.checkpoint_every == 0 or done == epochs:
             _checkpoint(w, done, step, record)
         else:
             ray.train.report(record)  # Ray
     if w.rank == 0:
-        final = _evaluate(w, epochs, step, recompute=True)
+        final = _evaluate(w, recompute=True)
         _record(
             w,
             {

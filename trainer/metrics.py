@@ -13,8 +13,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from featurestore.metrics import GaugeKeeper
-
 logger = logging.getLogger(__name__)
 
 #: Names the Grafana dashboard and the monitoring test rely on.
@@ -36,6 +34,8 @@ class TrainMetrics:
 
     def __init__(self) -> None:
         from ray.util.metrics import Counter, Gauge, Histogram  # Ray: metric objects
+
+        from featurestore.metrics import GaugeKeeper  # imports Ray: only where metrics are made
 
         self.loss = Gauge("npid_train_loss", description="Training loss (batch mean).")
         self.images = Counter("npid_train_images_total", description="Images trained on.")
