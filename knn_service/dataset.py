@@ -7,7 +7,6 @@ a few instances (the retrieval figure) by streaming only the shards that hold th
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from collections import defaultdict
@@ -16,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from trainer.data import IMAGE_FIELDS, ShardIndex, load_index, open_url
+from trainer.shard_index import read_index_table
 
 __all__ = ["TrainLabels", "read_image_bytes"]
 
@@ -62,10 +61,7 @@ class TrainLabels:
         """
         index = load_index(location)
         where = index.location.location
-        try:
-            table = pq.read_table(io.BytesIO(index.location.read_bytes("index.parquet")))
-        except Exception as exc:  # pyarrow raises its own error types
-            raise ValueError(f"bad index.parquet in {where}: {exc}") from None
+        table = read_index_table(index.location)
         if "key" not in table.column_names:
             raise ValueError(f"index.parquet in {where} lacks the column 'key'")
         order = np.argsort(table["id"].to_numpy(), kind="stable")  # ids are dense [0, N)

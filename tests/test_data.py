@@ -6,6 +6,8 @@ import io
 import json
 import math
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -346,6 +348,29 @@ def test_index_contents(uneven: Path) -> None:
     assert index.labels.tolist() == [i % 3 for i in range(N_UNEVEN)]
     assert index.id_shard[33] == 2 and index.id_pos[40] == 6
     assert index.classes == ("a", "b", "c")
+
+
+def test_not_parquet_index_names_the_dataset(uneven: Path) -> None:
+    (uneven / "index.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match=f"bad index.parquet in {uneven}"):
+        ShardIndex.load(uneven)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts Linux threads")
+def test_loading_an_index_starts_no_thread(uneven: Path) -> None:
+    """Arrow pools alive at exit can abort a CLI (apache/arrow#34314): start none."""
+    code = (
+        "import os, sys, pyarrow, torch\n"
+        "from trainer.data import ShardIndex\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "ShardIndex.load(sys.argv[1])\n"
+        "print(len(os.listdir('/proc/self/task')) - before)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(uneven)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
 
 
 # --------------------------------------------------------------------------- decoding

@@ -6,13 +6,13 @@ the index's ``shard`` column, so remote stores are never listed.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -74,10 +74,7 @@ class ShardIndex:
             meta = json.loads(location.read_bytes("dataset.json"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"bad dataset.json in {where}: {exc}") from None
-        try:
-            table = pq.read_table(io.BytesIO(location.read_bytes("index.parquet")))
-        except Exception as exc:  # pyarrow raises its own error types
-            raise ValueError(f"bad index.parquet in {where}: {exc}") from None
+        table = read_index_table(location)
         missing = {"id", "label", "shard"} - set(table.column_names)
         if missing:
             raise ValueError(f"index.parquet in {where} lacks columns {sorted(missing)}")
@@ -119,6 +116,23 @@ class ShardIndex:
             classes=tuple(meta.get("classes", ())),
             meta=meta,
         )
+
+
+def read_index_table(location: DatasetLocation) -> pa.Table:
+    """The whole ``index.parquet`` of a dataset, read in the calling thread.
+
+    ``pq.read_table`` would start Arrow's thread pools for this small file; a pool still
+    alive at interpreter exit can abort a short-lived process (apache/arrow#34314), so the
+    CLIs' exit status would depend on timing.
+
+    Raises:
+        ValueError: the file is missing or not Parquet (the message names the location).
+    """
+    try:
+        data = location.read_bytes("index.parquet")
+        return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
+    except Exception as exc:  # pyarrow raises its own error types
+        raise ValueError(f"bad index.parquet in {location.location}: {exc}") from None
 
 
 def load_index(location: str | os.PathLike | DatasetLocation | ShardIndex) -> ShardIndex:
