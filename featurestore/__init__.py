@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from featurestore.bank import MemoryBank, StepOutput
+from featurestore.bank import MemoryBank, PendingStep, StepOutput
 from featurestore.objectives import NCE, Objective, SampledSoftmax, Softmax
 
 if TYPE_CHECKING:
@@ -18,6 +18,7 @@ __all__ = [
     "NCE",
     "MemoryBank",
     "Objective",
+    "PendingStep",
     "SampledSoftmax",
     "ShardedStore",
     "Softmax",

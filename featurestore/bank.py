@@ -9,7 +9,7 @@ numbers by the same code.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -49,6 +49,38 @@ class StepOutput:
     grad: Tensor
     sample_loss: Tensor
     z: float | None = None
+
+
+class PendingStep:
+    """A step in flight (:meth:`MemoryBank.step_async`, :meth:`ShardedStore.step_async`).
+
+    The bank has accepted the step (inputs checked; the store's shards are working on it);
+    :meth:`result` waits for it and returns its :class:`StepOutput`. Call ``result`` once per
+    step: a store client takes its due automatic snapshot there.
+    """
+
+    def __init__(self, finish: Callable[[], StepOutput]) -> None:
+        self._finish: Callable[[], StepOutput] | None = finish
+        self._output: StepOutput | None = None
+
+    @classmethod
+    def completed(cls, output: StepOutput) -> PendingStep:
+        """A step that has already finished with ``output``."""
+        pending = cls(lambda: output)
+        pending.result()
+        return pending
+
+    def result(self) -> StepOutput:
+        """The step's :class:`StepOutput`, waiting for the shards if needed.
+
+        Raises:
+            RuntimeError, ValueError: as the blocking ``step`` would.
+        """
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            self._output = finish()
+        assert self._output is not None
+        return self._output
 
 
 class MemoryBank:
@@ -173,6 +205,21 @@ class MemoryBank:
             sample_loss=sample_loss.to(out_device),
             z=z,
         )
+
+    def step_async(
+        self,
+        feats: Tensor,
+        ids: Tensor,
+        objective: Objective,
+        noise_ids: Tensor | None = None,
+        seed: int | None = None,
+    ) -> PendingStep:
+        """:meth:`step`, as the :class:`PendingStep` a store returns (already finished here).
+
+        Lets a training loop treat both banks alike: start the step, fetch the next batch,
+        then take the result.
+        """
+        return PendingStep.completed(self.step(feats, ids, objective, noise_ids, seed))
 
     def _nce_z(self, objective: Objective, feats: Tensor, ids: Tensor, noise) -> float | None:
         """NCE's Z: the objective's, the bank's, or estimated now (first NCE step)."""

@@ -119,9 +119,15 @@ def local_noise(spec: NoiseSpec, batch_size: int, bounds: list[int], shard: int)
     return LocalNoise(ids=torch.where(valid, ids, torch.full_like(ids, lo)), valid=valid)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The seed of step ``step`` of a bank or store created with ``seed``."""
-    return _seed_for(seed, 0x57E9, step % (2**32), step >> 32)
+def step_seed(seed: int, step: int, client: int = 0) -> int:
+    """The seed of step ``step`` of a bank or store created with ``seed``.
+
+    ``client`` tells apart clients of one store that step at the same step number: 0 (the
+    bank, the client that created the store) keeps the plain per-step seed.
+    """
+    if client == 0:
+        return _seed_for(seed, 0x57E9, step % (2**32), step >> 32)
+    return _seed_for(seed, 0x57E9, step % (2**32), step >> 32, client % (2**32), client >> 32)
 
 
 def sample_ids(n: int, num_rows: int, seed: int) -> Tensor:

@@ -6,9 +6,11 @@ The actor runs the store protocol of DESIGN §3 where the rows are: for a step i
 share of the noise (:func:`featurestore.noise.local_noise`), scores it, returns only
 :class:`~featurestore.statistics.PartialStats` and applies the momentum update to its own
 rows, all in one call. Row-touching methods run one at a time (``max_concurrency=1``), so
-each call's score-then-update is atomic. A second concurrency group, ``control``, serves
-small bookkeeping calls without waiting behind a running step; on shard 0 it is the
-store's authority for the step counter (seeds), NCE's ``Z`` and the snapshot schedule.
+each call's score-then-update is atomic. Shard 0 is also the store's authority for the step
+counter, NCE's ``Z`` and the snapshot schedule: it counts each step in the step call itself
+and returns that state with the statistics (a :class:`StepControl`), so a step costs one
+round trip. A second concurrency group, ``control``, serves small bookkeeping calls
+without waiting behind a running step.
 
 A restarted actor (``max_restarts=-1``) reloads its rows, ``Z`` and step from the newest
 complete snapshot its store wrote under ``snapshot_dir`` (else the snapshot the store was
@@ -136,6 +138,36 @@ class StoreConfig:
     def device(self) -> str:
         """Where each shard keeps its rows."""
         return "cuda" if self.num_gpus_per_shard > 0 else "cpu"
+
+
+class StepRequest(NamedTuple):
+    """What a shard needs for one step, besides the features (one serialized argument)."""
+
+    #: Unique per client call; a retried call reuses it and is answered, not re-applied.
+    request_id: str
+    #: ``[B]`` int64 instance ids of the batch.
+    ids: np.ndarray | Tensor
+    #: ``Objective.to_dict()``.
+    objective: dict[str, Any]
+    #: How to draw (or which are) the noise ids; None for the exact softmax.
+    spec: NoiseSpec | None
+    #: NCE's normalising constant for this step (None for other objectives).
+    z: float | None
+    #: Shard 0: one past the client's last known step (restores a restarted counter).
+    min_step: int
+    #: Shard 0: the store's ``Z`` as the client knows it (restores a restarted shard 0).
+    known_z: float | None
+
+
+class StepControl(NamedTuple):
+    """Store-wide state that shard 0 returns with each step."""
+
+    #: Steps counted so far (the number the next step gets).
+    step_count: int
+    #: NCE's normalising constant, None until set.
+    z: float | None
+    #: Whether the client should now take the automatic snapshot.
+    snapshot_due: bool
 
 
 class ShardStamp(NamedTuple):
@@ -288,37 +320,46 @@ class ShardActor:
             self._recent.popitem(last=False)
 
     def step(
-        self,
-        request_id: str,
-        step: int,
-        feats: np.ndarray | Tensor,
-        ids: np.ndarray | Tensor,
-        objective: dict[str, Any],
-        spec: NoiseSpec | None,
-        z: float | None,
-    ) -> tuple[ShardStamp, dict[str, np.ndarray | None]]:
+        self, feats: np.ndarray | Tensor, request: StepRequest
+    ) -> tuple[ShardStamp, tuple[dict[str, np.ndarray | None], StepControl | None]]:
         """Score ``feats`` ``[B, d]`` against this shard's rows, then update the owned ids.
 
-        Returns the :class:`PartialStats` in wire form (:func:`pack_stats`). A repeated
+        ``feats`` is its own argument so that Ray resolves it when the client shares one
+        object-store copy among the shards; everything else comes in one
+        :class:`StepRequest` (one argument to serialize, not eight).
+
+        Returns the :class:`PartialStats` in wire form (:func:`pack_stats`) and, from
+        shard 0 only, the store's :class:`StepControl` after counting this step. A repeated
         ``request_id`` (a client retry) returns the first answer and does not update again.
         """
         self._metrics.count_request("step", self.shard)
-        if request_id in self._recent:
-            return self.stamp, self._recent[request_id]
-        feats, ids = as_tensor(feats), as_tensor(ids)
-        obj = Objective.from_dict(objective)
+        if request.request_id in self._recent:
+            return self.stamp, self._recent[request.request_id]
+        feats, ids = as_tensor(feats), as_tensor(request.ids)
+        obj = Objective.from_dict(request.objective)
         noise = None
         if obj.sampled:
-            assert spec is not None
-            noise = local_noise(spec, feats.shape[0], self._bounds, self.shard)
-        stats = self.bank.statistics(feats, ids, obj, noise, z, self.config.num_rows)
+            assert request.spec is not None
+            noise = local_noise(request.spec, feats.shape[0], self._bounds, self.shard)
+        stats = self.bank.statistics(feats, ids, obj, noise, request.z, self.config.num_rows)
         owned = self.bank.owned(ids)
         if owned.numel():
             self.bank.update(ids[owned], feats[owned])
-        wire = pack_stats(stats)
-        self._remember(request_id, wire)
+        control = None
+        if self.shard == 0:
+            control = self._count_step(request.min_step, request.known_z)
+        reply = (pack_stats(stats), control)
+        self._remember(request.request_id, reply)
         self._applied += 1
-        return self.stamp, wire
+        return self.stamp, reply
+
+    def _count_step(self, min_step: int, known_z: float | None) -> StepControl:
+        """Shard 0: count one step; the counter, ``Z`` and whether a snapshot is due."""
+        with self._lock:
+            self._counter = max(self._counter, int(min_step)) + 1
+            if self._z is None and known_z is not None:
+                self._z = float(known_z)
+            return StepControl(self._counter, self._z, self._snapshot_due(self._counter))
 
     def expsum(
         self, feats: Tensor, ids: Tensor, objective: dict[str, Any], spec: NoiseSpec
@@ -400,21 +441,6 @@ class ShardActor:
                 "device": str(self.bank.device),
             }
 
-    @ray.method(concurrency_group="control")
-    def begin_step(self, min_step: int, known_z: float | None) -> tuple[int, float | None, bool]:
-        """Shard 0: hand out the next step number; also ``Z`` and whether a snapshot is due.
-
-        ``min_step`` (one past the caller's last step) and ``known_z`` let clients restore
-        the counter and ``Z`` after this actor restarted from an older snapshot.
-        """
-        with self._lock:
-            self._counter = max(self._counter, int(min_step))
-            step = self._counter
-            self._counter += 1
-            if self._z is None and known_z is not None:
-                self._z = float(known_z)
-            return step, self._z, self._snapshot_due(self._counter)
-
     def _snapshot_due(self, next_step: int) -> bool:
         cfg = self.config
         if cfg.snapshot_dir is None:
@@ -476,6 +502,8 @@ __all__ = [
     "RemoteShard",
     "ShardActor",
     "ShardStamp",
+    "StepControl",
+    "StepRequest",
     "StoreConfig",
     "pack_stats",
     "shard_bounds",

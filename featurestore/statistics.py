@@ -287,12 +287,12 @@ def estimate_z(expsum_noise: float, pos_scores: Tensor, num_rows: int, num_pairs
 def positive_rows(parts: list[PartialStats], batch: int, dim: int) -> Tensor:
     """Assemble the positives' old rows ``[B, d]`` from the parts that own them."""
     device = parts[0].pos_rows.device
-    out = torch.full((batch, dim), math.nan, device=device)
-    for p in parts:
-        out[p.pos_index] = p.pos_rows
-    if torch.isnan(out).any():
-        raise RuntimeError("some positive rows were returned by no shard")
-    return out
+    index = torch.cat([p.pos_index.to(device=device, dtype=torch.int64) for p in parts])
+    once = torch.ones(batch, dtype=torch.int64, device=device)
+    if index.numel() != batch or not torch.equal(torch.bincount(index, minlength=batch), once):
+        raise RuntimeError("the shards did not return each positive row exactly once")
+    rows = torch.cat([p.pos_rows.to(device=device, dtype=torch.float32) for p in parts])
+    return torch.empty((batch, dim), device=device).index_copy_(0, index, rows)
 
 
 def merge(

@@ -126,6 +126,20 @@ def test_drawn_noise_is_deterministic_per_seed(obj):
     assert not torch.equal(a.grad, c.grad)
 
 
+def test_step_async_is_step_already_finished():
+    f, ids, _ = make_batch(8)
+    obj = SampledSoftmax(num_negatives=K)
+    a, b = MemoryBank(N, D, seed=5), MemoryBank(N, D, seed=5)
+    want = a.step(f, ids, obj)
+    pending = b.step_async(f, ids, obj)
+    assert b.step_count == 1  # applied before result() is asked for
+    got = pending.result()
+    assert got is pending.result()  # the same output every time
+    assert torch.equal(got.grad, want.grad) and torch.equal(b.rows, a.rows)
+    with pytest.raises(ValueError, match="out of range"):
+        b.step_async(f, ids + N, obj)  # bad input raises at once, not in result()
+
+
 def test_grad_drives_encoder_like_autograd():
     """feats.backward(out.grad) gives the same parameter grads as the reference loss."""
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ from featurestore.noise import NoiseSpec, local_noise, shard_counts
 from featurestore.statistics import (
     estimate_z,
     merge,
+    positive_rows,
     softmax_stats_all,
 )
 
@@ -130,3 +131,16 @@ def test_partial_stats_size_does_not_depend_on_k_or_n():
             part = shard.statistics(feats, ids, obj, local_noise(spec, B, [0, n], 0), 1.0, n)
             sizes.add((obj.kind, part.nbytes()))
     assert len(sizes) == 2
+
+
+def test_positive_rows_need_each_position_exactly_once():
+    rows = torch.arange(4 * D, dtype=torch.float32).view(4, D)
+    feats = unit(4, D, 3)
+    shards = [BankShard(rows[:2], 0, 0.5), BankShard(rows[2:], 2, 0.5)]
+    ids = torch.tensor([3, 0, 2, 1])
+    parts = [sh.statistics(feats, ids, Softmax(), None, None, 4) for sh in shards]
+    assert torch.equal(positive_rows(parts, 4, D), rows[ids])
+    with pytest.raises(RuntimeError, match="exactly once"):
+        positive_rows(parts[:1], 4, D)  # two positives missing
+    with pytest.raises(RuntimeError, match="exactly once"):
+        positive_rows([parts[0], parts[0], parts[1]], 4, D)  # two returned twice

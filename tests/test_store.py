@@ -18,6 +18,7 @@ from featurestore import metrics as store_metrics_module
 from featurestore.arrow_io import from_record_batch
 from featurestore.bank_shard import BankShard, initial_rows
 from featurestore.noise import NoiseSpec, local_noise, step_seed
+from featurestore.shard_actor import StepRequest
 from featurestore.statistics import merge
 from featurestore.store import shard_bounds
 
@@ -102,6 +103,43 @@ def test_sharded_step_equals_memory_bank_for_every_objective(make_store, num_sha
             bank.update(ids, feats)
             bank.step_count += 1
     close(all_rows(store), bank.rows, tol=1e-6)
+
+
+def test_steps_in_flight_equal_sequential_steps(make_store):
+    """step_async: several steps of one client in flight at once apply in order, each with
+    its own step number (seed), exactly like the same steps taken one at a time."""
+    store = make_store(num_rows=N, dim=D, num_shards=2, seed=4)
+    bank = MemoryBank(N, D, seed=4)
+    objective = SampledSoftmax(num_negatives=K)
+    batches = [batch(40 + i) for i in range(3)]
+    pending = [store.step_async(f, ids, objective, noise_ids=noise) for f, ids, noise in batches]
+    pending.append(store.step_async(*batches[0][:2], objective))  # drawn noise: step 3's seed
+    for (f, ids, noise), p in zip(batches, pending):
+        want = bank.step(f, ids, objective, noise_ids=noise)
+        close(p.result().grad, want.grad, tol=1e-5)
+    rows = bank.rows.clone()
+    want = in_process_step(rows, store.bounds, *batches[0][:2], objective, step_seed(4, 3))
+    close(pending[3].result().grad, want, tol=1e-5)
+    bank.update(batches[0][1], batches[0][0])
+    close(all_rows(store), bank.rows, tol=1e-6)
+    assert store.step_count == 4
+    with pytest.raises(ValueError, match="out of range"):
+        store.step_async(batches[0][0], batches[0][1] + N, objective)
+
+
+def test_attached_clients_draw_their_own_noise(make_store):
+    """Two clients at the same step number do not draw the same noise ids."""
+    store = make_store(num_rows=N, dim=D, num_shards=2, seed=6)
+    other = ShardedStore.attach(store.name, namespace="npid-tests")
+    assert step_seed(6, 0) == step_seed(6, 0, 0) != step_seed(6, 0, other._client)
+    f, ids, _ = batch(6)
+    objective = SampledSoftmax(num_negatives=K)
+    rows = all_rows(store)
+    a = store.step_async(f, ids, objective)  # both number this step 0
+    b = other.step_async(f, ids, objective)
+    close(a.result().grad, in_process_step(rows, store.bounds, f, ids, objective, step_seed(6, 0)))
+    assert not torch.allclose(a.result().grad, b.result().grad)
+    assert store.step_count == 2
 
 
 def in_process_step(rows, bounds, feats, ids, objective, seed):
@@ -263,7 +301,8 @@ def test_bad_input_raises_value_error_and_leaves_store_unchanged(make_store):
     # an error raised inside a shard comes back as a ValueError with the shard's message
     f, ids, _ = batch(12)
     with pytest.raises(ValueError, match=r"unknown objective.*shard 1 of store"):
-        store._call_shards("step", {1: ("r", 0, f, ids, {"kind": "nope"}, None, None)})
+        request = StepRequest("r", ids, {"kind": "nope"}, None, None, 0, None)
+        store._call_shards("step", {1: (f, request)})
     assert torch.equal(all_rows(store), before)
 
 

@@ -17,6 +17,7 @@ from featurestore import NCE, MemoryBank, SampledSoftmax, ShardedStore
 from featurestore import snapshot as snapshot_module
 from featurestore.bank_shard import initial_rows
 from featurestore.noise import NoiseSpec
+from featurestore.shard_actor import StepRequest
 from featurestore.store import actor_name
 
 pytestmark = pytest.mark.ray
@@ -137,8 +138,8 @@ def test_a_retried_request_is_not_applied_twice(make_store):
     close(all_rows(store), bank.rows, tol=0)
     obj = SampledSoftmax(num_negatives=K)
     spec = NoiseSpec(K, False, 0, noise)
-    args = ("req-2", 0, f, ids, obj.to_dict(), spec, None)
-    (_, first), (_, again) = ray.get([actor.step.remote(*args), actor.step.remote(*args)])
+    args = (f, StepRequest("req-2", ids, obj.to_dict(), spec, None, 0, None))
+    (_, (first, _)), (_, (again, _)) = ray.get([actor.step.remote(*args) for _ in range(2)])
     assert (first["weighted"] == again["weighted"]).all()
     bank.step(f, ids, obj, noise_ids=noise)
     close(all_rows(store), bank.rows, tol=0)

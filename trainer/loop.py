@@ -1,7 +1,8 @@
 """The per-worker training loop (runs inside each Ray Train worker).
 
-Each step: encode → ``store.step(f, ids, objective)`` → ``f.backward(∂loss/∂f)`` →
-optimizer step. Labels are never used for training, only by the kNN evaluation.
+Each step: encode → ``store.step_async(f, ids, objective)`` → load the next batch while the
+shards work → ``f.backward(∂loss/∂f)`` with the step's result → optimizer step. Labels are
+never used for training, only by the kNN evaluation.
 Ray appears at the marked places only: the context, model preparation, reporting and
 checkpoints; the store client hides its own Ray calls.
 """
@@ -189,14 +190,19 @@ def _train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, 
         unit="batch",
         disable=w.rank != 0 or not w.cfg.progress,
     )
-    for x, ids, _labels in bar:
+    batches = iter(bar)
+    batch = next(batches, None)
+    while batch is not None:
+        x, ids, _labels = batch
         t0 = time.perf_counter()
         x = x.to(w.device, non_blocking=True)
         if w.cfg.use_gpu:
             x = x.to(memory_format=torch.channels_last)
         with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.cfg.use_gpu):
             feats = w.model(x)
-        out = w.bank.step(feats.detach().float(), ids, objective)
+        pending = w.bank.step_async(feats.detach().float(), ids, objective)
+        batch = next(batches, None)  # the shards score and update while the next batch loads
+        out = pending.result()
         w.optimizer.zero_grad(set_to_none=True)
         feats.backward(out.grad.to(feats.device, feats.dtype))
         w.optimizer.step()

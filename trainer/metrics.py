@@ -41,7 +41,8 @@ class TrainMetrics:
         self.images = Counter("npid_train_images_total", description="Images trained on.")
         self.step_seconds = Histogram(
             "npid_train_step_seconds",
-            description="Wall time of one training step.",
+            description="Wall time of one training step (encode, store step, backward, update; "
+            "the next batch loads while the store works).",
             boundaries=STEP_SECONDS_BOUNDARIES,
         )
         self.epoch = Gauge("npid_train_epoch", description="Current epoch.")
