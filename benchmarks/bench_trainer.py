@@ -1,10 +1,11 @@
 """Training images/s with the ShardedStore vs an in-process MemoryBank (issue target >= 0.95x).
 
-Both variants run the real ``python -m trainer.run`` with one worker, the same model,
+All variants run the real ``python -m trainer.run`` with one worker, the same model,
 objective and data; only ``--bank store`` (the feature store service, ``--num-shards``
-actors) vs ``--bank local`` (a MemoryBank inside the worker) differs. Runs alternate
-(store, local, store, …) so that machine load hits both; images/s is the median over the
-epochs after the first of each run, then the median over repeats.
+actors, one variant per shard count) vs ``--bank local`` (a MemoryBank inside the worker)
+differs. Runs alternate (local, store S1, store S2, local, …) so that machine load hits
+all; images/s is the median over the epochs after the first of each run, then the median
+over repeats.
 
     python benchmarks/bench_trainer.py                                 # built-in digits
     python benchmarks/bench_trainer.py --data DIR --val-data DIR --nce-k 4096 --epochs 3
@@ -24,10 +25,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_once(bank: str, args: argparse.Namespace, out: Path) -> float:
+def run_once(bank: str, shards: int, args: argparse.Namespace, out: Path) -> float:
     """One training run; returns the median images/s of its epochs after the first."""
     cmd = [sys.executable, "-m", "trainer.run", "--bank", bank, "--num-workers", "1",
-           "--num-shards", str(args.num_shards), "--epochs", str(args.epochs), "--arch",
+           "--num-shards", str(shards), "--epochs", str(args.epochs), "--arch",
            args.arch, "--output", str(out), "--no-progress", "--eval-every", "1000",
            "--checkpoint-every", "1000"]  # fmt: skip
     if args.data:
@@ -53,24 +54,30 @@ def main() -> None:
     parser.add_argument("--nce-k", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--num-shards", type=int, default=2)
+    parser.add_argument("--num-shards", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    results: dict[str, list[float]] = {"store": [], "local": []}
+    variants = [("local", 0), *(("store", s) for s in args.num_shards)]
+    results: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="npid-bench-trainer-") as tmp:
         for r in range(args.repeats):
-            for bank in ("store", "local"):
-                results[bank].append(run_once(bank, args, Path(tmp) / f"{bank}-{r}"))
-                print(f"repeat {r} {bank:<5} {results[bank][-1]:9.1f} img/s", flush=True)
-    store, local = (statistics.median(results[b]) for b in ("store", "local"))
+            for bank, shards in variants:
+                out = Path(tmp) / f"{bank}{shards}-{r}"
+                results[bank, shards].append(run_once(bank, max(shards, 1), args, out))
+                label = f"{bank} S={shards}" if shards else bank
+                print(f"repeat {r} {label:<10} {results[bank, shards][-1]:9.1f} img/s", flush=True)
+    medians = {v: statistics.median(speeds) for v, speeds in results.items()}
+    local = medians["local", 0]
     print(
         f"data={args.data or 'digits (built-in)'} arch={args.arch} nce_k={args.nce_k} "
-        f"shards={args.num_shards} epochs={args.epochs} repeats={args.repeats}"
+        f"epochs={args.epochs} repeats={args.repeats} (one worker)"
     )
-    print(f"{'bank':<34}{'median img/s':>14}")
-    print(f"{'in-process MemoryBank (baseline)':<34}{local:>14.1f}")
-    print(f"{'ShardedStore (feature store)':<34}{store:>14.1f}")
-    print(f"ratio store / in-process: {store / local:.3f}x  (target >= 0.95x)")
+    print(f"{'bank':<38}{'median img/s':>14}{'ratio':>9}")
+    print(f"{'in-process MemoryBank (baseline)':<38}{local:>14.1f}{1.0:>8.3f}x")
+    for shards in args.num_shards:
+        speed = medians["store", shards]
+        label = f"ShardedStore, {shards} shard{'s' * (shards > 1)}"
+        print(f"{label:<38}{speed:>14.1f}{speed / local:>8.3f}x  (target >= 0.95x)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -168,6 +169,33 @@ def test_interrupted_run_resumes_step_count_and_metrics(shards, tmp_path):
     per_epoch = trained[0]["step"] // trained[0]["epoch"]
     assert [r["step"] for r in trained] == [per_epoch * r["epoch"] for r in trained]
     assert "resumed at epoch" in resumed.stdout + resumed.stderr
+
+
+def test_s3_data_and_checkpoints_then_resume(shards, tmp_path, s3_server):
+    """--data/--val-data and --storage-path on s3:// (moto's S3 server on 127.0.0.1); a
+    second launch with --resume finds the newest checkpoint there and continues."""
+    import fsspec
+
+    run = uuid.uuid4().hex[:8]
+    fs = fsspec.filesystem("s3")
+    for split in ("train", "test"):
+        fs.put(str(shards[split]), f"s3://npid/{run}/{split}", recursive=True)
+    remote = {"train": f"s3://npid/{run}/train", "test": f"s3://npid/{run}/test"}
+    out = tmp_path / "run"
+    args = [
+        *_args(remote, out, "--num-workers", "1", "--num-shards", "1"),
+        "--storage-path", f"s3://npid/{run}/ray",
+    ]  # fmt: skip
+    first = _run([*args, "--epochs", "1"])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert any(f.endswith("/meta.json") for f in fs.find(f"npid/{run}/ray"))
+    assert _checkpoints(out) == 0  # checkpoints went to S3, not under --output
+    resumed = _run([*args, "--epochs", "2", "--resume"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed at epoch 1" in resumed.stdout + resumed.stderr
+    trained = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("loss") is not None]
+    assert [r["epoch"] for r in trained] == [1, 2]
+    assert trained[1]["step"] == 2 * trained[0]["step"] > 0
 
 
 def test_killed_worker_restarts_from_checkpoint(shards, tmp_path):

@@ -9,12 +9,14 @@ Ray Train wraps the directory in a ``ray.train.Checkpoint``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 
 STATE_FILE = "state.pt"
@@ -63,8 +65,17 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState, config: dic
     return path
 
 
+def _is_url(location: str | os.PathLike) -> bool:
+    return "://" in str(location)
+
+
 def load_checkpoint(directory: str | os.PathLike) -> tuple[TrainState, dict]:
-    """Read a checkpoint written by :func:`save_checkpoint`: ``(state, config)``."""
+    """Read a checkpoint written by :func:`save_checkpoint`: ``(state, config)``.
+
+    ``directory`` is a local path or an fsspec URL (``s3://…``: a Ray Train storage path).
+    """
+    if _is_url(directory):
+        return _load_remote(str(directory))
     path = Path(directory)
     state_file, config_file = path / STATE_FILE, path / CONFIG_FILE
     if not all((path / name).is_file() for name in (STATE_FILE, CONFIG_FILE, META_FILE)):
@@ -77,8 +88,58 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[TrainState, dict]:
     return TrainState(**payload), config
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint directory below ``root`` (by step), or None."""
+def load_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint (epoch, step, snapshot URI); a path or an fsspec URL."""
+    if _is_url(directory):
+        fs, path = fsspec.core.url_to_fs(str(directory))
+        return json.loads(fs.cat_file(f"{path.rstrip('/')}/{META_FILE}"))
+    return json.loads((Path(directory) / META_FILE).read_text())
+
+
+def _load_remote(url: str) -> tuple[TrainState, dict]:
+    fs, path = fsspec.core.url_to_fs(url)
+    path = path.rstrip("/")
+    names = (STATE_FILE, CONFIG_FILE, META_FILE)
+    if not all(fs.isfile(f"{path}/{name}") for name in names):
+        raise FileNotFoundError(
+            f"{url} is not a complete npid checkpoint "
+            f"(needs {STATE_FILE}, {CONFIG_FILE} and {META_FILE})"
+        )
+    payload = torch.load(
+        io.BytesIO(fs.cat_file(f"{path}/{STATE_FILE}")), map_location="cpu", weights_only=True
+    )
+    config = json.loads(fs.cat_file(f"{path}/{CONFIG_FILE}"))
+    return TrainState(**payload), config
+
+
+def _latest_remote(url: str) -> str | None:
+    """:func:`latest_checkpoint` below an fsspec URL (ties: the later directory name)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        files = set(fs.find(path.rstrip("/")))
+    except FileNotFoundError:
+        return None
+    best: tuple[int, str] | None = None
+    for meta_file in sorted(f for f in files if f.endswith(f"/{META_FILE}")):
+        directory = meta_file[: -len(META_FILE) - 1]
+        if not all(f"{directory}/{n}" in files for n in (STATE_FILE, CONFIG_FILE)):
+            continue
+        try:
+            step = int(json.loads(fs.cat_file(meta_file))["step"])
+        except (ValueError, KeyError, TypeError):  # not a checkpoint to resume from
+            continue
+        if best is None or (step, directory) > best:
+            best = (step, directory)
+    return None if best is None else fs.unstrip_protocol(best[1])
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | str | None:
+    """The newest complete checkpoint directory below ``root`` (by step), or None.
+
+    ``root`` is a local directory (a ``Path`` comes back) or an fsspec URL (a URL string).
+    """
+    if _is_url(root):
+        return _latest_remote(str(root))
     base = Path(root)
     if not base.exists():
         return None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from featurestore.objectives import NCE, Objective, SampledSoftmax, Softmax
-from trainer.checkpoints import latest_checkpoint, load_checkpoint
+from trainer.checkpoints import latest_checkpoint, load_checkpoint, load_checkpoint_meta
 from trainer.config import RESUME_KEYS, ConfigError, TrainConfig
 from trainer.data import ShardIndex
 from trainer.make_shards import ensure_builtin_dataset
@@ -127,6 +127,18 @@ def resolve_objective(cfg: TrainConfig, num_rows: int) -> Objective:
     return NCE(num_negatives=cfg.nce_k, **common)
 
 
+def _newest_checkpoint(roots: list[str]) -> str | None:
+    """The newest (by step) complete checkpoint below any of ``roots`` (paths or URLs)."""
+    best: tuple[int, str] | None = None
+    for root in roots:
+        found = latest_checkpoint(root)
+        if found is not None:
+            step = int(load_checkpoint_meta(found)["step"])
+            if best is None or step > best[0]:
+                best = (step, str(found))
+    return None if best is None else best[1]
+
+
 def make_plan(cfg: TrainConfig) -> RunPlan:
     """Resolve ``cfg``; raises :class:`ConfigError` naming the bad input."""
     if cfg.builtin:
@@ -145,9 +157,13 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
     output = os.path.abspath(cfg.output)
     resume_from = resume_snapshot = None
     if cfg.resume:
-        found = latest_checkpoint(output)
+        roots = [output, *([cfg.storage_path] if cfg.storage_path else [])]
+        try:
+            found = _newest_checkpoint(roots)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--resume: cannot search {' or '.join(roots)}: {exc}") from None
         if found is None:
-            raise ConfigError(f"--resume: no checkpoint under {output}")
+            raise ConfigError(f"--resume: no checkpoint under {' or '.join(roots)}")
         state, saved = load_checkpoint(found)
         diffs = cfg.differences(TrainConfig.from_dict(saved), RESUME_KEYS)
         if diffs:
