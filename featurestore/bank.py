@@ -50,6 +50,18 @@ class StepOutput:
     sample_loss: Tensor
     z: float | None = None
 
+    @classmethod
+    def merged(
+        cls, sample_loss: Tensor, grad: Tensor, z: float | None, device: torch.device | None
+    ) -> StepOutput:
+        """The output of a merge (``sample_loss`` ``[B]``, ``grad`` ``[B, d]``) on ``device``."""
+        return cls(
+            loss=sample_loss.mean().to(device),
+            grad=grad.to(device),
+            sample_loss=sample_loss.to(device),
+            z=z,
+        )
+
 
 class PendingStep:
     """A step in flight (:meth:`MemoryBank.step_async`, :meth:`ShardedStore.step_async`).
@@ -199,12 +211,7 @@ class MemoryBank:
         sample_loss, grad = merge([part], feats, objective, z, self.num_rows)
         self._shard.update(ids, feats)
         self.step_count += 1
-        return StepOutput(
-            loss=sample_loss.mean().to(out_device),
-            grad=grad.to(out_device),
-            sample_loss=sample_loss.to(out_device),
-            z=z,
-        )
+        return StepOutput.merged(sample_loss, grad, z, out_device)
 
     def step_async(
         self,

@@ -8,9 +8,11 @@
 bounds as ``numpy.array_split``. A training step is one call per shard, all in flight at
 once, carrying ``f`` (``B×d``), the ids, the objective and the step's noise seed; each
 shard answers with ``O(B·d)`` partial statistics and updates its own rows in the same call;
-the client merges them exactly (:func:`featurestore.statistics.merge`). Shard 0 hands out
-step numbers (so concurrent clients never draw the same noise), owns NCE's ``Z`` and
-schedules automatic snapshots.
+the client merges them exactly (:func:`featurestore.statistics.merge`). Shard 0 counts
+the steps inside that same call and answers with the step count, NCE's ``Z`` (which it
+owns) and whether an automatic snapshot is due, so a step is one round trip;
+:meth:`ShardedStore.step_async` returns while the calls are in flight. Attached clients
+mix a random key into their step seeds, so concurrent clients never draw the same noise.
 
 Any number of clients may step one store at once: every process calls
 ``ShardedStore.attach(name)`` (or receives a pickled store, which attaches on unpickling).
@@ -768,12 +770,7 @@ class ShardedStore:
             self._timed("step", start)
             if control.snapshot_due:
                 self._auto_snapshot(control.step_count)
-            return StepOutput(
-                loss=sample_loss.mean().to(out_device),
-                grad=grad.to(out_device),
-                sample_loss=sample_loss.to(out_device),
-                z=z,
-            )
+            return StepOutput.merged(sample_loss, grad, z, out_device)
 
         return PendingStep(finish)
 
