@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 import ray
 import torch
+from ray.exceptions import GetTimeoutError, RayActorError
 from reference import unit
 
 from featurestore import NCE, MemoryBank, SampledSoftmax, ShardedStore
@@ -52,6 +54,26 @@ def lockstep(store, bank, seeds, objective=None):
         close(got.grad, want.grad, tol=1e-5)
 
 
+def kill_and_wait(store, shard: int) -> None:
+    """Kill shard ``shard``'s actor and wait until its next incarnation answers.
+
+    ``ray.kill`` is asynchronous: a call made right after it can still be served by the
+    dying actor, with the rows from before the kill.
+    """
+    actor = ray.get_actor(actor_name(store.name, shard), namespace=NS)
+    old = ray.get(actor.info.remote())["stamp"].instance
+    ray.kill(actor, no_restart=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(actor.info.remote(), timeout=10)["stamp"].instance != old:
+                return
+        except (RayActorError, GetTimeoutError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"shard {shard} of {store.name} did not restart within 120 s")
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -65,9 +87,9 @@ def test_killed_shard_restarts_from_its_latest_snapshot(make_store, tmp_path, ca
     at_snapshot = all_rows(store)
     lockstep(store, bank, range(3, 5))
     before = all_rows(store)
-    ray.kill(ray.get_actor(actor_name(store.name, 1), namespace=NS), no_restart=False)
+    kill_and_wait(store, 1)
     with caplog.at_level(logging.WARNING, logger="featurestore.store"):
-        rows = all_rows(store)  # the store keeps answering
+        rows = all_rows(store)  # the store notices the new incarnation
     lo = store.bounds[1]
     assert torch.equal(rows[lo:], at_snapshot[lo:])  # shard 1: back to the snapshot
     assert torch.equal(rows[:lo], before[:lo])  # shard 0: untouched
@@ -116,7 +138,7 @@ def test_restart_without_snapshot_starts_from_seeded_rows(make_store, caplog):
     store = make_store(num_rows=N, dim=D, num_shards=2, seed=23)
     f, ids, noise = batch(23)
     z = store.step(f, ids, NCE(num_negatives=K), noise_ids=noise).z
-    ray.kill(ray.get_actor(actor_name(store.name, 0), namespace=NS), no_restart=False)
+    kill_and_wait(store, 0)
     with caplog.at_level(logging.WARNING, logger="featurestore.store"):
         rows = all_rows(store)
     lo = store.bounds[1]
