@@ -153,6 +153,23 @@ def test_resume_needs_a_matching_checkpoint(tiny_shards, tmp_path):
         )
 
 
+def test_resume_takes_the_newest_of_output_and_storage_path(tiny_shards, tmp_path):
+    storage = tmp_path / "elsewhere"
+    argv = ["--data", str(tiny_shards["train"]), "--nce-k", "10", "--output", str(tmp_path / "o")]
+    argv += ["--storage-path", str(storage)]
+    config = parse_config(argv).to_dict()
+    for root, step in ((tmp_path / "o" / "ray" / "a", 4), (storage / "b", 8)):
+        state = TrainState(
+            {}, {}, epoch=step // 4, step=step, store_snapshot=None, data_position={}
+        )
+        save_checkpoint(root, state, config)
+    assert make_plan(parse_config([*argv, "--resume"])).resume_from == str(storage / "b")
+    empty = ["--data", str(tiny_shards["train"]), "--nce-k", "10", "--resume"]
+    empty += ["--output", str(tmp_path / "x"), "--storage-path", str(tmp_path / "none")]
+    with pytest.raises(ConfigError, match=f"no checkpoint under .* or {tmp_path / 'none'}"):
+        make_plan(parse_config(empty))
+
+
 def test_checkpoint_roundtrip_and_latest(tmp_path):
     import torch
 
