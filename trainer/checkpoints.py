@@ -69,40 +69,21 @@ def _is_url(location: str | os.PathLike) -> bool:
     return "://" in str(location)
 
 
+def _checkpoint_fs(directory: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, path without a trailing slash)`` of a local path or an fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(os.fspath(directory))
+    return fs, path.rstrip("/")
+
+
 def load_checkpoint(directory: str | os.PathLike) -> tuple[TrainState, dict]:
     """Read a checkpoint written by :func:`save_checkpoint`: ``(state, config)``.
 
     ``directory`` is a local path or an fsspec URL (``s3://…``: a Ray Train storage path).
     """
-    if _is_url(directory):
-        return _load_remote(str(directory))
-    path = Path(directory)
-    state_file, config_file = path / STATE_FILE, path / CONFIG_FILE
-    if not all((path / name).is_file() for name in (STATE_FILE, CONFIG_FILE, META_FILE)):
+    fs, path = _checkpoint_fs(directory)
+    if not all(fs.isfile(f"{path}/{name}") for name in (STATE_FILE, CONFIG_FILE, META_FILE)):
         raise FileNotFoundError(
-            f"{path} is not a complete npid checkpoint "
-            f"(needs {STATE_FILE}, {CONFIG_FILE} and {META_FILE})"
-        )
-    payload = torch.load(state_file, map_location="cpu", weights_only=True)
-    config = json.loads(config_file.read_text())
-    return TrainState(**payload), config
-
-
-def load_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    """``meta.json`` of a checkpoint (epoch, step, snapshot URI); a path or an fsspec URL."""
-    if _is_url(directory):
-        fs, path = fsspec.core.url_to_fs(str(directory))
-        return json.loads(fs.cat_file(f"{path.rstrip('/')}/{META_FILE}"))
-    return json.loads((Path(directory) / META_FILE).read_text())
-
-
-def _load_remote(url: str) -> tuple[TrainState, dict]:
-    fs, path = fsspec.core.url_to_fs(url)
-    path = path.rstrip("/")
-    names = (STATE_FILE, CONFIG_FILE, META_FILE)
-    if not all(fs.isfile(f"{path}/{name}") for name in names):
-        raise FileNotFoundError(
-            f"{url} is not a complete npid checkpoint "
+            f"{os.fspath(directory)} is not a complete npid checkpoint "
             f"(needs {STATE_FILE}, {CONFIG_FILE} and {META_FILE})"
         )
     payload = torch.load(
@@ -112,11 +93,17 @@ def _load_remote(url: str) -> tuple[TrainState, dict]:
     return TrainState(**payload), config
 
 
+def load_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint (epoch, step, snapshot URI); a path or an fsspec URL."""
+    fs, path = _checkpoint_fs(directory)
+    return json.loads(fs.cat_file(f"{path}/{META_FILE}"))
+
+
 def _latest_remote(url: str) -> str | None:
     """:func:`latest_checkpoint` below an fsspec URL (ties: the later directory name)."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = _checkpoint_fs(url)
     try:
-        files = set(fs.find(path.rstrip("/")))
+        files = set(fs.find(path))
     except FileNotFoundError:
         return None
     best: tuple[int, str] | None = None
