@@ -34,7 +34,7 @@ import ray
 import torch
 from torch import Tensor
 
-from featurestore import arrow_io, snapshot
+from featurestore import arrow_io, snapshot, wire
 from featurestore.bank_shard import BankShard, initial_rows
 from featurestore.metrics import store_metrics
 from featurestore.noise import NoiseSpec, local_noise
@@ -142,6 +142,9 @@ class StoreConfig:
 
 class StepRequest(NamedTuple):
     """What a shard needs for one step, besides the features (one serialized argument)."""
+
+    #: Into how many byte strings the shard cuts its reply (``num_returns`` of the call).
+    pieces: int
 
     #: Unique per client call; a retried call reuses it and is answered, not re-applied.
     request_id: str
@@ -319,23 +322,24 @@ class ShardActor:
         while len(self._recent) > RECENT_REQUESTS:
             self._recent.popitem(last=False)
 
-    def step(
-        self, feats: np.ndarray | Tensor, request: StepRequest
-    ) -> tuple[ShardStamp, tuple[dict[str, np.ndarray | None], StepControl | None]]:
-        """Score ``feats`` ``[B, d]`` against this shard's rows, then update the owned ids.
+    def step(self, request: StepRequest, *feats: np.ndarray | Tensor) -> list[bytes]:
+        """Score the features ``[B, d]`` against this shard's rows, then update the owned ids.
 
-        ``feats`` is its own argument so that Ray resolves it when the client shares one
-        object-store copy among the shards; everything else comes in one
-        :class:`StepRequest` (one argument to serialize, not eight).
+        ``feats`` are consecutive row blocks (:func:`featurestore.wire.split_rows`), each
+        small enough for Ray to carry inline, or one array the client shared through the
+        object store; everything else comes in one :class:`StepRequest`.
 
-        Returns the :class:`PartialStats` in wire form (:func:`pack_stats`) and, from
-        shard 0 only, the store's :class:`StepControl` after counting this step. A repeated
-        ``request_id`` (a client retry) returns the first answer and does not update again.
+        Returns ``(stamp, (stats, control))`` cut into ``request.pieces`` byte strings
+        (:func:`featurestore.wire.to_pieces`): the :class:`PartialStats` in wire form
+        (:func:`pack_stats`) and, from shard 0 only, the store's :class:`StepControl` after
+        counting this step. A repeated ``request_id`` (a client retry) returns the first
+        answer and does not update again.
         """
         self._metrics.count_request("step", self.shard)
         if request.request_id in self._recent:
-            return self.stamp, self._recent[request.request_id]
-        feats, ids = as_tensor(feats), as_tensor(request.ids)
+            return wire.to_pieces((self.stamp, self._recent[request.request_id]), request.pieces)
+        feats = as_tensor(wire.join_rows([np.asarray(f) for f in feats]))
+        ids = as_tensor(request.ids)
         obj = Objective.from_dict(request.objective)
         noise = None
         if obj.sampled:
@@ -351,7 +355,7 @@ class ShardActor:
         reply = (pack_stats(stats), control)
         self._remember(request.request_id, reply)
         self._applied += 1
-        return self.stamp, reply
+        return wire.to_pieces((self.stamp, reply), request.pieces)
 
     def _count_step(self, min_step: int, known_z: float | None) -> StepControl:
         """Shard 0: count one step; the counter, ``Z`` and whether a snapshot is due."""

@@ -40,7 +40,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from torch import Tensor
 
-from featurestore import arrow_io, snapshot
+from featurestore import arrow_io, snapshot, wire
 from featurestore.bank import PendingStep, StepOutput
 from featurestore.metrics import store_metrics
 from featurestore.noise import NoiseSpec, sample_ids, step_seed
@@ -69,11 +69,6 @@ logger = logging.getLogger(__name__)
 
 #: Ray namespace of the shard actors unless another is given.
 DEFAULT_NAMESPACE = "npid"
-
-
-#: Step features smaller than this go inline with each shard's call, not through one
-#: ``ray.put`` (Ray inlines arguments below 100 KiB, ``max_direct_call_object_size``).
-INLINE_BYTES = 96 * 1024
 
 
 def actor_name(name: str, shard: int) -> str:
@@ -485,20 +480,20 @@ class ShardedStore:
                 self._shared.get(a, a) if isinstance(a, ray.ObjectRef) else a for a in args
             )
             self._count_bytes("sent", (op, plain))
-        return getattr(self._actors[shard], op).remote(*args)
+        method = getattr(self._actors[shard], op)
+        if op == "step":  # the reply comes back in pieces Ray carries inline (wire.py)
+            method = method.options(num_returns=args[0].pieces)
+        return method.remote(*args)
 
-    def _share(self, obj: np.ndarray) -> Any:
-        """``obj`` as one object-store entry that every shard reads.
-
-        Only when S > 1 and ``obj`` is big enough that Ray would put it in the object store
-        once per call anyway; a small one travels inline with each call (cheaper than a put).
-        """
-        if self.num_shards == 1 or obj.nbytes < INLINE_BYTES:
-            return obj
-        ref = ray.put(obj)
+    def _wire_feats(self, feats: np.ndarray) -> list[Any]:
+        """A step's features ``[B, d]`` as call arguments: inline row blocks, or one
+        object-store copy that every shard reads when they are too big to go inline."""
+        if feats.nbytes <= wire.MAX_INLINE_BYTES:
+            return wire.split_rows(feats)
+        ref = ray.put(feats)
         if self.measure_transfer:
-            self._shared[ref] = obj
-        return ref
+            self._shared[ref] = feats
+        return [ref]
 
     def _count_bytes(self, key: str, obj: Any) -> None:
         size = len(pickle.dumps(obj, protocol=5))
@@ -511,6 +506,8 @@ class ShardedStore:
         while True:
             try:
                 reply = ray.get(ref)
+                if op == "step":
+                    reply = wire.from_pieces(reply)
             except RayTaskError as err:
                 raise _translate(err, shard, self.name) from None
             except RayActorError as err:
@@ -749,8 +746,10 @@ class ShardedStore:
         z = self._nce_z(objective, feats, ids, spec, known_z)
         request = self._request_id()
         obj = objective.to_dict()
-        message = StepRequest(request, ids.numpy(), obj, spec, z, next_step, known_z)
-        calls = dict.fromkeys(range(self.num_shards), (self._share(feats.numpy()), message))
+        pieces = wire.reply_pieces(*feats.shape)
+        message = StepRequest(pieces, request, ids.numpy(), obj, spec, z, next_step, known_z)
+        args = (message, *self._wire_feats(feats.numpy()))
+        calls = dict.fromkeys(range(self.num_shards), args)
         refs = self._submit_all("step", calls)
         self._shared.clear()
 

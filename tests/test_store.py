@@ -127,6 +127,25 @@ def test_steps_in_flight_equal_sequential_steps(make_store):
         store.step_async(batches[0][0], batches[0][1] + N, objective)
 
 
+@pytest.mark.parametrize("b", [700, 2200])  # 350 KiB in inline pieces; 1.1 MiB shared
+def test_big_batches_cross_the_wire_in_pieces(make_store, b):
+    """Features and replies above Ray's inline limit (wire.py) give MemoryBank's result."""
+    n, d = 2500, 128
+    store = make_store(num_rows=n, dim=d, num_shards=2, seed=8)
+    bank = MemoryBank(n, d, seed=8)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randperm(n, generator=g)[:b]
+    noise = torch.randint(0, n, (b, K), generator=g)
+    for i, objective in enumerate([Softmax(), NCE(num_negatives=K, prox_lambda=0.1)]):
+        feats = unit(b, d, 80 + i)
+        noise_ids = noise if objective.sampled else None
+        got = store.step(feats, ids, objective, noise_ids=noise_ids)
+        want = bank.step(feats, ids, objective, noise_ids=noise_ids)
+        close(got.loss, want.loss)
+        close(got.grad, want.grad, tol=1e-5)
+    close(all_rows(store), bank.rows, tol=1e-6)
+
+
 def test_attached_clients_draw_their_own_noise(make_store):
     """Two clients at the same step number do not draw the same noise ids."""
     store = make_store(num_rows=N, dim=D, num_shards=2, seed=6)
@@ -301,8 +320,8 @@ def test_bad_input_raises_value_error_and_leaves_store_unchanged(make_store):
     # an error raised inside a shard comes back as a ValueError with the shard's message
     f, ids, _ = batch(12)
     with pytest.raises(ValueError, match=r"unknown objective.*shard 1 of store"):
-        request = StepRequest("r", ids, {"kind": "nope"}, None, None, 0, None)
-        store._call_shards("step", {1: (f, request)})
+        request = StepRequest(2, "r", ids, {"kind": "nope"}, None, None, 0, None)
+        store._call_shards("step", {1: (request, f)})
     assert torch.equal(all_rows(store), before)
 
 

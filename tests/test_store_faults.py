@@ -15,7 +15,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 from reference import unit
 
-from featurestore import NCE, MemoryBank, SampledSoftmax, ShardedStore
+from featurestore import NCE, MemoryBank, SampledSoftmax, ShardedStore, wire
 from featurestore import snapshot as snapshot_module
 from featurestore.bank_shard import initial_rows
 from featurestore.noise import NoiseSpec
@@ -160,8 +160,9 @@ def test_a_retried_request_is_not_applied_twice(make_store):
     close(all_rows(store), bank.rows, tol=0)
     obj = SampledSoftmax(num_negatives=K)
     spec = NoiseSpec(K, False, 0, noise)
-    args = (f, StepRequest("req-2", ids, obj.to_dict(), spec, None, 0, None))
-    (_, (first, _)), (_, (again, _)) = ray.get([actor.step.remote(*args) for _ in range(2)])
+    args = (StepRequest(1, "req-2", ids, obj.to_dict(), spec, None, 0, None), f)
+    replies = ray.get([actor.step.remote(*args) for _ in range(2)])
+    (_, (first, _)), (_, (again, _)) = (wire.from_pieces(r) for r in replies)
     assert (first["weighted"] == again["weighted"]).all()
     bank.step(f, ids, obj, noise_ids=noise)
     close(all_rows(store), bank.rows, tol=0)
