@@ -37,7 +37,7 @@ def step_ms(store: ShardedStore, feats, ids, objective, pieces: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-rows", type=int, default=20_000)
+    parser.add_argument("--num-rows", type=int, default=2_000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2])
