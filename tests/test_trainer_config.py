@@ -74,6 +74,7 @@ def test_yaml_config_and_flag_precedence(tmp_path):
         (["--nce-m", "2"], "--nce-m must be in"),
         (["--batch-size", "10", "--num-workers", "3"], "not divisible"),
         (["--num-shards", "0"], "--num-shards must be > 0"),
+        (["--eval-every", "-1"], "--eval-every must be >= 0"),  # 0 = never evaluate
         (["--objective", "sampled-softmax", "--nce-k", "0"], "needs --nce-k"),
         (["--bank", "local", "--num-workers", "2"], "--num-workers 1"),
         (["--config", "/nonexistent.yaml"], "no such file"),

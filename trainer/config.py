@@ -104,7 +104,6 @@ class TrainConfig:
             "low_dim",
             "num_workers",
             "num_shards",
-            "eval_every",
             "checkpoint_every",
             "knn_k",
             "nce_t",
@@ -119,6 +118,7 @@ class TrainConfig:
             "weight_decay",
             "momentum",
             "max_failures",
+            "eval_every",
             "loader_workers",
             "image_size",
             "store_gpus_per_shard",
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--store-gpus-per-shard", type=float, help="GPUs per store shard with --use-gpu")
     add("--bank", choices=("store", "local"), help="feature store service or in-process")
     add("--resume", action="store_true", default=None)
-    add("--eval-every", type=int)
+    add("--eval-every", type=int, help="kNN evaluation every N epochs; 0 = never (benchmarks)")
     add("--checkpoint-every", type=int)
     add("--knn-k", type=int)
     add("--max-failures", type=int)

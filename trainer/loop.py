@@ -271,7 +271,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         num_workers=w.cfg.loader_workers,
         seed=w.cfg.seed,
     )
-    if start_epoch == 0 and step == 0 and w.rank == 0:
+    evaluate = w.cfg.eval_every > 0  # 0: never (throughput runs)
+    if evaluate and start_epoch == 0 and step == 0 and w.rank == 0:
         # Before the first step the bank holds random rows: evaluate recomputed features.
         knn = _evaluate(w, recompute=True)
         _record(
@@ -295,14 +296,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "images_per_sec": ips,
             "skipped": skipped,
         }
-        if w.rank == 0 and (done % w.cfg.eval_every == 0 or done == epochs):
+        if evaluate and w.rank == 0 and (done % w.cfg.eval_every == 0 or done == epochs):
             record.update(features="bank", **_evaluate(w))
         _record(w, record)
         if done % w.cfg.checkpoint_every == 0 or done == epochs:
             _checkpoint(w, done, step, record)
         else:
             ray.train.report(record)  # Ray
-    if w.rank == 0:
+    if w.rank != 0:
+        return
+    if evaluate:
         final = _evaluate(w, recompute=True)
         _record(
             w,
@@ -315,13 +318,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 **final,
             },
         )
-        export_encoder(
-            w.encoder.cpu(),
-            EncoderConfig(
-                w.plan.arch,
-                w.cfg.low_dim,
-                None if w.plan.arch == "small" else w.plan.preset != "imagenet",
-            ),
-            Path(w.plan.output) / "encoder",
-            metadata={"preset": w.plan.preset, "image_size": w.plan.image_size},
-        )
+    export_encoder(
+        w.encoder.cpu(),
+        EncoderConfig(
+            w.plan.arch,
+            w.cfg.low_dim,
+            None if w.plan.arch == "small" else w.plan.preset != "imagenet",
+        ),
+        Path(w.plan.output) / "encoder",
+        metadata={"preset": w.plan.preset, "image_size": w.plan.image_size},
+    )
