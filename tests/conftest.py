@@ -84,6 +84,37 @@ def s3_server():
                 os.environ[key] = value
 
 
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A Google Cloud Storage-compatible server (gcp-storage-emulator, in memory) on
+    127.0.0.1 with bucket ``npid``; ``STORAGE_EMULATOR_HOST`` points gcsfs at it for the
+    session (inherited by subprocesses started after this fixture).
+
+    Yields the environment variables set.
+    """
+    pytest.importorskip("gcsfs")
+    emulator = pytest.importorskip("gcp_storage_emulator.server")
+    import socket
+
+    with socket.socket() as probe:  # a free port (the emulator does not take port 0)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="npid")
+    server.start()
+    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture
 def make_store(ray_cluster):
     """Factory for ``ShardedStore`` objects with unique names; all shut down after the test.

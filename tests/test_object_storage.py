@@ -1,7 +1,9 @@
-"""``s3://`` data and checkpoints, through s3fs against a real S3-compatible server.
+"""``s3://`` and ``gs://`` data and checkpoints, through fsspec against real servers.
 
-moto's server runs on 127.0.0.1 (``s3_server`` fixture); the same code paths as against
-AWS S3: ``ShardIndex.load``, the loaders, ``latest_checkpoint`` / ``load_checkpoint``.
+moto's S3 server (``s3_server``) and gcp-storage-emulator (``gcs_server``) run on
+127.0.0.1; s3fs and gcsfs reach them as they would AWS S3 and Google Cloud Storage. Every
+test runs against both: ``ShardIndex.load``, the loaders, ``latest_checkpoint`` /
+``load_checkpoint``.
 """
 
 from __future__ import annotations
@@ -22,16 +24,24 @@ from trainer.make_shards import make_shards
 N = 30
 
 
-def upload(local: Path, prefix: str) -> str:
-    """Copy the directory ``local`` to ``s3://npid/<prefix>-<random>``; returns the URL."""
-    url = f"s3://npid/{prefix}-{uuid.uuid4().hex[:8]}"
-    fsspec.filesystem("s3").put(str(local), url, recursive=True)
+@pytest.fixture(scope="module", params=["s3", "gs"])
+def bucket(request) -> str:
+    """``s3://npid`` or ``gs://npid``, its server running."""
+    request.getfixturevalue({"s3": "s3_server", "gs": "gcs_server"}[request.param])
+    return f"{request.param}://npid"
+
+
+def upload(local: Path, bucket: str, prefix: str) -> str:
+    """Copy the directory ``local`` to ``<bucket>/<prefix>-<random>``; returns the URL."""
+    url = f"{bucket}/{prefix}-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem(bucket.split("://")[0], skip_instance_cache=True)
+    fs.put(str(local), url, recursive=True)
     return url
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, s3_server) -> tuple[Path, str]:
-    """``(local shards, the same shards on S3)``: 30 RGB images, 3 classes, 4 shards."""
+def dataset(tmp_path_factory, bucket) -> tuple[Path, str]:
+    """``(local shards, the same shards in the bucket)``: 30 RGB images, 3 classes, 4 shards."""
     root = tmp_path_factory.mktemp("s3data")
     rng = np.random.default_rng(0)
     for i in range(N):
@@ -40,10 +50,10 @@ def dataset(tmp_path_factory, s3_server) -> tuple[Path, str]:
         pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{i:02d}.png")
     make_shards(root / "src", root / "shards", shard_size=8, progress=False)
-    return root / "shards", upload(root / "shards", "ds")
+    return root / "shards", upload(root / "shards", bucket, "ds")
 
 
-def test_index_and_loaders_read_s3_like_local(dataset) -> None:
+def test_index_and_loaders_read_the_bucket_like_local(dataset) -> None:
     local, url = dataset
     here, there = ShardIndex.load(local), ShardIndex.load(url)
     assert there.num_instances == here.num_instances == N
@@ -56,23 +66,23 @@ def test_index_and_loaders_read_s3_like_local(dataset) -> None:
     assert sorted(seen.tolist()) == list(range(N))  # every instance once per epoch
 
 
-def test_missing_s3_dataset_names_the_url(s3_server) -> None:
-    with pytest.raises(ValueError, match="s3://npid/nothing-here"):
-        ShardIndex.load("s3://npid/nothing-here")
+def test_missing_dataset_names_the_url(bucket) -> None:
+    with pytest.raises(ValueError, match=f"{bucket}/nothing-here"):
+        ShardIndex.load(f"{bucket}/nothing-here")
 
 
-def test_latest_and_load_checkpoint_on_s3(tmp_path, s3_server) -> None:
+def test_latest_and_load_checkpoint_in_a_bucket(tmp_path, bucket) -> None:
     model = {"w": torch.arange(6.0).view(2, 3)}
     for step in (4, 12, 8):
         state = TrainState(model, {"lr": 0.1}, step // 4, step, None, {"epoch": 0, "batch": 0})
         save_checkpoint(tmp_path / "ray" / f"checkpoint-{step:02d}", state, {"lr": 0.1})
     (tmp_path / "ray" / "half" / "meta.json").parent.mkdir()
     (tmp_path / "ray" / "half" / "meta.json").write_text('{"step": 99}')  # no state: skipped
-    url = upload(tmp_path / "ray", "ckpt")
+    url = upload(tmp_path / "ray", bucket, "ckpt")
     found = latest_checkpoint(url)
-    assert isinstance(found, str) and found.startswith("s3://") and found.endswith("checkpoint-12")
+    assert isinstance(found, str) and found.startswith(bucket) and found.endswith("checkpoint-12")
     state, config = load_checkpoint(found)
     assert state.step == 12 and config == {"lr": 0.1} and torch.equal(state.model["w"], model["w"])
-    assert latest_checkpoint("s3://npid/no-checkpoints-here") is None
+    assert latest_checkpoint(f"{bucket}/no-checkpoints-here") is None
     with pytest.raises(FileNotFoundError, match="not a complete npid checkpoint"):
         load_checkpoint(f"{url}/half")
