@@ -6,7 +6,9 @@ serves the whole session. Tests that need Ray take the ``ray_cluster`` fixture.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@contextlib.contextmanager
+def environ(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``env`` inside the block, restored after it."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """An S3-compatible server (moto's) on 127.0.0.1 with bucket ``npid``; the AWS variables
@@ -68,20 +85,14 @@ def s3_server():
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": f"http://{host}:{port}",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     import fsspec
 
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("npid")
     try:
-        yield env
+        with environ(env):
+            fsspec.filesystem("s3", skip_instance_cache=True).mkdir("npid")
+            yield env
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
@@ -102,17 +113,11 @@ def gcs_server():
     server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="npid")
     server.start()
     env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield env
+        with environ(env):
+            yield env
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture
