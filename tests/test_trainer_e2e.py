@@ -208,6 +208,26 @@ def test_s3_data_and_checkpoints_then_resume(shards, tmp_path, s3_server):
     assert trained[1]["step"] == 2 * trained[0]["step"] > 0
 
 
+def test_gs_data(shards, tmp_path, gcs_server):
+    """--data/--val-data on gs:// (gcsfs against gcp-storage-emulator on 127.0.0.1): the
+    workers train on it and the evaluations read it."""
+    import fsspec
+
+    run = uuid.uuid4().hex[:8]
+    fs = fsspec.filesystem("gs", skip_instance_cache=True)
+    for split in ("train", "test"):
+        fs.put(str(shards[split]), f"gs://npid/{run}/{split}", recursive=True)
+    remote = {"train": f"gs://npid/{run}/train", "test": f"gs://npid/{run}/test"}
+    out = tmp_path / "run"
+    args = _args(remote, out, "--num-workers", "1", "--num-shards", "1", "--epochs", "1")
+    result = _run(args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [(r["epoch"], r["step"]) for r in records] == [(0, 0), (1, 4), (1, 4)]
+    assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 1 for r in records)
+    assert records[1]["skipped"] == 1  # the corrupt image, read from gs:// too
+
+
 def test_killed_worker_restarts_from_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
     proc = _start(_args(shards, out, "--epochs", "6", "--max-failures", "2"), tmp_path / "run.log")
