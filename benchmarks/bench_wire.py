@@ -26,6 +26,9 @@ import ray
 
 from featurestore import ShardedStore, Softmax, wire
 
+#: The shipped piece size (the module's value is swapped for the whole-object variant).
+PIECE_BYTES = wire.PIECE_BYTES
+
 
 def step_ms(store: ShardedStore, feats, ids, objective, pieces: bool) -> float:
     """Wall time of one step in ms, with inline pieces or with whole objects."""
@@ -69,8 +72,6 @@ def main() -> None:
             store.shutdown()
     ray.shutdown()
 
-
-PIECE_BYTES = wire.PIECE_BYTES
 
 if __name__ == "__main__":
     main()
