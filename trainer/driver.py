@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -72,12 +74,21 @@ def open_store(cfg: TrainConfig, plan: RunPlan):
     )
 
 
-def build_trainer(cfg: TrainConfig, plan: RunPlan) -> TorchTrainer:
-    """The TorchTrainer: W workers of 1 CPU (1 GPU with --use-gpu), gloo or nccl."""
+def build_trainer(
+    cfg: TrainConfig,
+    plan: RunPlan,
+    loop: Callable[[dict], None] = train_loop_per_worker,
+    extra: dict[str, Any] | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer: W workers of 1 CPU (1 GPU with --use-gpu), gloo or nccl.
+
+    ``loop`` runs in each worker with ``{"config": …, "plan": …, **extra}`` (another loop:
+    ``benchmarks/bench_trainer_interleaved.py``).
+    """
     resources = {"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": 1}
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "plan": plan.to_dict()},
+        loop,
+        train_loop_config={"config": cfg.to_dict(), "plan": plan.to_dict(), **(extra or {})},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
