@@ -58,7 +58,9 @@ class TrainConfig:
     epochs: int = 0
     """0 = the dataset's default (40 for the built-in dataset, 200 otherwise)."""
     num_workers: int = 1
-    num_shards: int = 2
+    num_shards: int = 1
+    """Store shards. One holds any bank that fits one device and costs the least per step
+    (each shard is one more call per step); add shards when the bank outgrows a device."""
     use_gpu: bool = False
     store_name: str | None = None
     """Attach to this running store instead of creating one."""
@@ -231,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, help="global batch size")
     add("--epochs", type=int)
     add("--num-workers", type=int, help="Ray Train workers (DDP)")
-    add("--num-shards", type=int, help="feature store shards")
+    add("--num-shards", type=int, help="feature store shards (default 1)")
     add("--use-gpu", action="store_true", default=None)
     add("--store-name", help="attach to a running store of this name")
     add("--store-dtype", choices=("float32", "bfloat16", "float16"))
