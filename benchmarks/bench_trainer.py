@@ -9,6 +9,9 @@ epochs after the first (its only epoch when it has one). Printed: the median ove
 of each variant, the ratio of those medians, and the median of the per-repeat ratios (each
 against the local run of the same repeat).
 
+Whole processes drift by ±10 % here from one to the next; ``bench_trainer_interleaved.py``
+compares the banks epoch by epoch inside one run instead.
+
     python benchmarks/bench_trainer.py                                 # built-in digits
     python benchmarks/bench_trainer.py --data .data/shards/cifar-train --epochs 1
 """

@@ -230,3 +230,24 @@ def test_cli_folder_without_shards(tmp_path):
     result = _cli("--data", str(tmp_path), "--output", str(tmp_path / "out"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no index.parquet" in result.stderr
+
+
+def _other_loop(loop_config: dict) -> None:
+    """A worker loop other than the trainer's (never run here)."""
+
+
+def test_build_trainer_runs_the_given_loop_with_extra_config(tiny_shards, tmp_path):
+    from trainer.driver import build_trainer
+    from trainer.loop import train_loop_per_worker
+
+    cfg = parse_config(
+        ["--data", str(tiny_shards["train"]), "--nce-k", "0", "--output", str(tmp_path)]
+    )
+    plan = make_plan(cfg)
+    default = build_trainer(cfg, plan)
+    assert default.train_loop_per_worker is train_loop_per_worker
+    assert set(default.train_loop_config) == {"config", "plan"}
+    other = build_trainer(cfg, plan, _other_loop, {"rounds": 3})
+    assert other.train_loop_per_worker is _other_loop
+    assert other.train_loop_config["rounds"] == 3
+    assert other.train_loop_config["plan"] == plan.to_dict()
