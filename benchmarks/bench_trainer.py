@@ -30,18 +30,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The flags both trainer benchmarks pass on to ``trainer.run``."""
+    parser.add_argument("--data")
+    parser.add_argument("--arch", default="small")
+    parser.add_argument("--nce-k", type=int)
+    parser.add_argument("--batch-size", type=int)
+
+
+def data_flags(args: argparse.Namespace) -> list[str]:
+    """``trainer.run`` flags for the optional ones of :func:`add_data_args`."""
+    flags = ["--data", args.data] if args.data else []
+    if args.nce_k is not None:
+        flags += ["--nce-k", str(args.nce_k)]
+    if args.batch_size:
+        flags += ["--batch-size", str(args.batch_size)]
+    return flags
+
+
 def run_once(bank: str, shards: int, args: argparse.Namespace, out: Path) -> float:
     """One training run; returns the median images/s of its epochs after the first."""
     cmd = [sys.executable, "-m", "trainer.run", "--bank", bank, "--num-workers", "1",
            "--num-shards", str(shards), "--epochs", str(args.epochs), "--arch",
            args.arch, "--output", str(out), "--no-progress", "--eval-every", "0",
            "--checkpoint-every", "1000"]  # fmt: skip
-    if args.data:
-        cmd += ["--data", args.data]
-    if args.nce_k is not None:
-        cmd += ["--nce-k", str(args.nce_k)]
-    if args.batch_size:
-        cmd += ["--batch-size", str(args.batch_size)]
+    cmd += data_flags(args)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, text=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -51,10 +64,7 @@ def run_once(bank: str, shards: int, args: argparse.Namespace, out: Path) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data")
-    parser.add_argument("--arch", default="small")
-    parser.add_argument("--nce-k", type=int)
-    parser.add_argument("--batch-size", type=int)
+    add_data_args(parser)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--num-shards", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)

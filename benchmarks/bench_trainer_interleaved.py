@@ -31,6 +31,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_trainer import add_data_args, data_flags
+
 
 def interleaved_loop(loop_config: dict) -> None:
     """Ray Train worker: every variant one epoch per round; one JSON line per epoch."""
@@ -85,10 +88,7 @@ def summarize(records: list[dict]) -> list[tuple[str, float, float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data")
-    parser.add_argument("--arch", default="small")
-    parser.add_argument("--nce-k", type=int)
-    parser.add_argument("--batch-size", type=int)
+    add_data_args(parser)
     parser.add_argument("--num-shards", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=41, help="rounds, the first a warm-up")
     args = parser.parse_args()
@@ -105,13 +105,7 @@ def main() -> None:
         flags = ["--bank", "local", "--num-workers", "1", "--arch", args.arch,
                  "--epochs", str(args.rounds * variants), "--output", tmp, "--no-progress",
                  "--eval-every", "0"]  # fmt: skip
-        if args.data:
-            flags += ["--data", args.data]
-        if args.nce_k is not None:
-            flags += ["--nce-k", str(args.nce_k)]
-        if args.batch_size:
-            flags += ["--batch-size", str(args.batch_size)]
-        cfg = parse_config(flags)
+        cfg = parse_config(flags + data_flags(args))
         plan = make_plan(cfg)
         started = driver.connect()
         stores = []
