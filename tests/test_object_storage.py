@@ -3,7 +3,7 @@
 moto's S3 server (``s3_server``) and gcp-storage-emulator (``gcs_server``) run on
 127.0.0.1; s3fs and gcsfs reach them as they would AWS S3 and Google Cloud Storage. Every
 test runs against both: ``ShardIndex.load``, the loaders, ``latest_checkpoint`` /
-``load_checkpoint``.
+``load_checkpoint``, ``ray_storage``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.checkpoints import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoints import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    ray_storage,
+    save_checkpoint,
+)
 from trainer.data import ShardIndex, eval_loader, train_loader
 from trainer.make_shards import make_shards
 
@@ -86,3 +92,19 @@ def test_latest_and_load_checkpoint_in_a_bucket(tmp_path, bucket) -> None:
     assert latest_checkpoint(f"{bucket}/no-checkpoints-here") is None
     with pytest.raises(FileNotFoundError, match="not a complete npid checkpoint"):
         load_checkpoint(f"{url}/half")
+
+
+def test_ray_storage_gives_ray_a_working_filesystem(tmp_path, bucket) -> None:
+    """``ray_storage``: local paths and s3:// go to Ray as they are; gs:// becomes a
+    scheme-less path on a pyarrow filesystem over gcsfs that writes where fsspec reads."""
+    assert ray_storage(str(tmp_path)) == (str(tmp_path), None)
+    url = f"{bucket}/ray-{uuid.uuid4().hex[:8]}"
+    path, filesystem = ray_storage(url)
+    if bucket.startswith("s3://"):
+        assert (path, filesystem) == (url, None)
+        return
+    assert path == url[len("gs://") :]
+    with filesystem.open_output_stream(f"{path}/run/meta.json") as out:
+        out.write(b'{"epoch": 1}')
+    fs = fsspec.filesystem("gs", skip_instance_cache=True)
+    assert fs.cat(f"{url}/run/meta.json") == b'{"epoch": 1}'

@@ -208,9 +208,10 @@ def test_s3_data_and_checkpoints_then_resume(shards, tmp_path, s3_server):
     assert trained[1]["step"] == 2 * trained[0]["step"] > 0
 
 
-def test_gs_data(shards, tmp_path, gcs_server):
-    """--data/--val-data on gs:// (gcsfs against gcp-storage-emulator on 127.0.0.1): the
-    workers train on it and the evaluations read it."""
+def test_gs_data_and_checkpoints_then_resume(shards, tmp_path, gcs_server):
+    """--data/--val-data and --storage-path on gs:// (gcsfs against gcp-storage-emulator on
+    127.0.0.1): the workers train on it, the evaluations read it, Ray Train writes its
+    checkpoints there, and a second launch with --resume continues from them."""
     import fsspec
 
     run = uuid.uuid4().hex[:8]
@@ -219,13 +220,25 @@ def test_gs_data(shards, tmp_path, gcs_server):
         fs.put(str(shards[split]), f"gs://npid/{run}/{split}", recursive=True)
     remote = {"train": f"gs://npid/{run}/train", "test": f"gs://npid/{run}/test"}
     out = tmp_path / "run"
-    args = _args(remote, out, "--num-workers", "1", "--num-shards", "1", "--epochs", "1")
-    result = _run(args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    args = [
+        *_args(remote, out, "--num-workers", "1", "--num-shards", "1"),
+        "--storage-path", f"gs://npid/{run}/ray",
+    ]  # fmt: skip
+    first = _run([*args, "--epochs", "1"])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     records = read_jsonl(out / "metrics.jsonl")
     assert [(r["epoch"], r["step"]) for r in records] == [(0, 0), (1, 4), (1, 4)]
     assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 1 for r in records)
     assert records[1]["skipped"] == 1  # the corrupt image, read from gs:// too
+    fs.invalidate_cache()
+    assert any(f.endswith("/meta.json") for f in fs.find(f"npid/{run}/ray"))
+    assert _checkpoints(out) == 0  # checkpoints went to gs://, not under --output
+    resumed = _run([*args, "--epochs", "2", "--resume"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed at epoch 1" in resumed.stdout + resumed.stderr
+    trained = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("loss") is not None]
+    assert [r["epoch"] for r in trained] == [1, 2]
+    assert trained[1]["step"] == 2 * trained[0]["step"] > 0
 
 
 def test_killed_worker_restarts_from_checkpoint(shards, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import pyarrow.fs
 import torch
 
 STATE_FILE = "state.pt"
@@ -143,3 +144,18 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | str | None:
         if best is None or key[:2] > best[:2]:
             best = key
     return None if best is None else best[2]
+
+
+def ray_storage(path: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """Ray Train's ``(storage_path, storage_filesystem)`` for the run storage ``path``.
+
+    ``gs://`` goes through gcsfs (fsspec), the client that reads ``--data gs://`` and
+    finds checkpoints for ``--resume``, so one set of credentials and settings (including
+    ``STORAGE_EMULATOR_HOST``) serves all three; Ray then gets the path without its scheme.
+    Local paths and other URLs (``s3://`` …) go to Ray as they are.
+    """
+    if not path.startswith("gs://"):
+        return path, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return path[len("gs://") :], PyFileSystem(FSSpecHandler(fsspec.filesystem("gs")))

@@ -15,6 +15,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from trainer.checkpoints import ray_storage
 from trainer.config import ConfigError, TrainConfig
 from trainer.loop import train_loop_per_worker
 from trainer.plan import RunPlan
@@ -86,6 +87,7 @@ def build_trainer(
     ``benchmarks/bench_trainer_interleaved.py``).
     """
     resources = {"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": 1}
+    storage_path, storage_filesystem = ray_storage(plan.storage_path)
     return TorchTrainer(
         loop,
         train_loop_config={"config": cfg.to_dict(), "plan": plan.to_dict(), **(extra or {})},
@@ -99,7 +101,8 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=plan.run_name,
-            storage_path=plan.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
