@@ -181,58 +181,34 @@ def test_interrupted_run_resumes_step_count_and_metrics(shards, tmp_path):
     assert "resumed at epoch" in resumed.stdout + resumed.stderr
 
 
-def test_s3_data_and_checkpoints_then_resume(shards, tmp_path, s3_server):
-    """--data/--val-data and --storage-path on s3:// (moto's S3 server on 127.0.0.1); a
-    second launch with --resume finds the newest checkpoint there and continues."""
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_object_storage_data_and_checkpoints_then_resume(shards, tmp_path, request, scheme):
+    """--data/--val-data and --storage-path on s3:// (moto's S3 server) or gs:// (gcsfs
+    against gcp-storage-emulator), both on 127.0.0.1: the workers train on the bucket's
+    shards, the evaluations read it, Ray Train writes its checkpoints there, and a second
+    launch with --resume finds the newest one and continues."""
     import fsspec
 
+    request.getfixturevalue({"s3": "s3_server", "gs": "gcs_server"}[scheme])
     run = uuid.uuid4().hex[:8]
-    fs = fsspec.filesystem("s3")
+    fs = fsspec.filesystem(scheme, skip_instance_cache=True)
     for split in ("train", "test"):
-        fs.put(str(shards[split]), f"s3://npid/{run}/{split}", recursive=True)
-    remote = {"train": f"s3://npid/{run}/train", "test": f"s3://npid/{run}/test"}
+        fs.put(str(shards[split]), f"{scheme}://npid/{run}/{split}", recursive=True)
+    remote = {split: f"{scheme}://npid/{run}/{split}" for split in ("train", "test")}
     out = tmp_path / "run"
     args = [
         *_args(remote, out, "--num-workers", "1", "--num-shards", "1"),
-        "--storage-path", f"s3://npid/{run}/ray",
-    ]  # fmt: skip
-    first = _run([*args, "--epochs", "1"])
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert any(f.endswith("/meta.json") for f in fs.find(f"npid/{run}/ray"))
-    assert _checkpoints(out) == 0  # checkpoints went to S3, not under --output
-    resumed = _run([*args, "--epochs", "2", "--resume"])
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed at epoch 1" in resumed.stdout + resumed.stderr
-    trained = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("loss") is not None]
-    assert [r["epoch"] for r in trained] == [1, 2]
-    assert trained[1]["step"] == 2 * trained[0]["step"] > 0
-
-
-def test_gs_data_and_checkpoints_then_resume(shards, tmp_path, gcs_server):
-    """--data/--val-data and --storage-path on gs:// (gcsfs against gcp-storage-emulator on
-    127.0.0.1): the workers train on it, the evaluations read it, Ray Train writes its
-    checkpoints there, and a second launch with --resume continues from them."""
-    import fsspec
-
-    run = uuid.uuid4().hex[:8]
-    fs = fsspec.filesystem("gs", skip_instance_cache=True)
-    for split in ("train", "test"):
-        fs.put(str(shards[split]), f"gs://npid/{run}/{split}", recursive=True)
-    remote = {"train": f"gs://npid/{run}/train", "test": f"gs://npid/{run}/test"}
-    out = tmp_path / "run"
-    args = [
-        *_args(remote, out, "--num-workers", "1", "--num-shards", "1"),
-        "--storage-path", f"gs://npid/{run}/ray",
+        "--storage-path", f"{scheme}://npid/{run}/ray",
     ]  # fmt: skip
     first = _run([*args, "--epochs", "1"])
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     records = read_jsonl(out / "metrics.jsonl")
     assert [(r["epoch"], r["step"]) for r in records] == [(0, 0), (1, 4), (1, 4)]
     assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 1 for r in records)
-    assert records[1]["skipped"] == 1  # the corrupt image, read from gs:// too
+    assert records[1]["skipped"] == 1  # the corrupt image, read from the bucket too
     fs.invalidate_cache()
     assert any(f.endswith("/meta.json") for f in fs.find(f"npid/{run}/ray"))
-    assert _checkpoints(out) == 0  # checkpoints went to gs://, not under --output
+    assert _checkpoints(out) == 0  # checkpoints went to the bucket, not under --output
     resumed = _run([*args, "--epochs", "2", "--resume"])
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed at epoch 1" in resumed.stdout + resumed.stderr
