@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--num-shards", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=41, help="rounds, the first a warm-up")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (round 0 is a warm-up and is left out)")
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
