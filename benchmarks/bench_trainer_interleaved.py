@@ -40,23 +40,14 @@ def interleaved_loop(loop_config: dict) -> None:
     import ray.train
 
     from featurestore.store import ShardedStore
-    from trainer.data import train_loader
-    from trainer.loop import _setup, _train_epoch
-    from trainer.transforms import build_transform
+    from trainer.loop import _setup, _train_batches, _train_epoch
 
     w = _setup(loop_config)  # the config says --bank local: w.bank is the MemoryBank
     banks = {"local": w.bank}
     for label, name in loop_config["stores"].items():
         banks[label] = ShardedStore.attach(name)
     order = list(banks)
-    train_tf = build_transform(w.plan.preset, train=True, image_size=w.plan.image_size)
-    loader = train_loader(
-        w.train_index,
-        w.cfg.resolved_batch_size,
-        train_tf,
-        num_workers=w.cfg.loader_workers,
-        seed=w.cfg.seed,
-    )
+    loader = _train_batches(w)
     step, epoch = 0, 0
     with open(loop_config["results"], "a") as out:
         for r in range(loop_config["rounds"]):

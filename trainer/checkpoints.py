@@ -156,6 +156,5 @@ def ray_storage(path: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
     """
     if not path.startswith("gs://"):
         return path, None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return path[len("gs://") :], PyFileSystem(FSSpecHandler(fsspec.filesystem("gs")))
+    handler = pyarrow.fs.FSSpecHandler(fsspec.filesystem("gs"))
+    return path[len("gs://") :], pyarrow.fs.PyFileSystem(handler)

@@ -171,6 +171,21 @@ def _evaluate(w: Worker, recompute: bool = False) -> dict[str, float]:
     return result
 
 
+def _train_batches(w: Worker):
+    """This rank's training loader: its part of every epoch, train transform, batch
+    ``global batch / world``."""
+    train_tf = build_transform(w.plan.preset, train=True, image_size=w.plan.image_size)
+    return train_loader(
+        w.train_index,
+        w.cfg.resolved_batch_size // w.world,
+        train_tf,
+        rank=w.rank,
+        world_size=w.world,
+        num_workers=w.cfg.loader_workers,
+        seed=w.cfg.seed,
+    )
+
+
 def _train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, float, int]:
     """One epoch: ``(step, mean loss, images/s, corrupt samples skipped)``, all ranks."""
     lr = learning_rate(w.cfg, epoch, w.plan.epochs)
@@ -261,16 +276,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if w.world > 1 and dist.is_initialized():
         dist.barrier()  # nobody steps the store before rank 0 has restored its snapshot
     epochs = w.plan.epochs
-    train_tf = build_transform(w.plan.preset, train=True, image_size=w.plan.image_size)
-    loader = train_loader(
-        w.train_index,
-        w.cfg.resolved_batch_size // w.world,
-        train_tf,
-        rank=w.rank,
-        world_size=w.world,
-        num_workers=w.cfg.loader_workers,
-        seed=w.cfg.seed,
-    )
+    loader = _train_batches(w)
     evaluate = w.cfg.eval_every > 0  # 0: never (throughput runs)
     if evaluate and start_epoch == 0 and step == 0 and w.rank == 0:
         # Before the first step the bank holds random rows: evaluate recomputed features.
