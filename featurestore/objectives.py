@@ -100,8 +100,12 @@ class NCE(Objective):
 
     ``P(j|f) = exp(s_j) / Z``, ``h(j) = P(j|f) / (P(j|f) + K/N + eps)``; per positive
     ``-log h(i) - Σ_k log((K/N) / (P(n_k|f) + K/N + eps))``, averaged over the batch.
-    ``z=None`` lets the bank estimate ``Z = N · mean(exp(s))`` on its first NCE step and
-    keep it; a number fixes it.
+    ``z=None`` lets the bank estimate ``Z = N · mean(exp(s))`` on its first NCE step; a number
+    fixes it. With ``z_momentum=None`` (the paper's and the reference's choice) the first
+    estimate is kept for the whole run. With ``z_momentum=m`` (0.99 in later instance
+    discrimination code) ``Z`` follows the features: after every step
+    ``Z ← m·Z + (1 − m)·N·mean(exp(s))`` over that step's ``B·(K+1)`` scored pairs, used from
+    the next step on (one step late, so a step stays one round trip to the store).
     """
 
     num_negatives: int = 4096
@@ -110,6 +114,7 @@ class NCE(Objective):
     z: float | None = None
     eps: float = 1e-7
     shared_noise: bool = False
+    z_momentum: float | None = None
 
     kind: ClassVar[str] = "nce"
     sampled: ClassVar[bool] = True
@@ -121,6 +126,17 @@ class NCE(Objective):
             raise ValueError(f"z must be a finite positive number or None, got {self.z!r}")
         if not (math.isfinite(self.eps) and self.eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        if self.z_momentum is not None and not (
+            isinstance(self.z_momentum, (int, float)) and 0 <= self.z_momentum < 1
+        ):
+            raise ValueError(f"z_momentum must be None or in [0, 1), got {self.z_momentum!r}")
+        if self.z_momentum is not None and self.z is not None:
+            raise ValueError("z_momentum re-estimates Z: it cannot be combined with a fixed z")
+
+    @property
+    def tracks_z(self) -> bool:
+        """Whether ``Z`` is re-estimated after every step (``z_momentum`` set)."""
+        return self.z_momentum is not None
 
 
 __all__ = ["NCE", "Objective", "SampledSoftmax", "Softmax"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 import uuid
@@ -160,6 +161,9 @@ class StepRequest(NamedTuple):
     min_step: int
     #: Shard 0: the store's ``Z`` as the client knows it (restores a restarted shard 0).
     known_z: float | None
+    #: Shard 0, NCE with ``z_momentum``: the client's ``N·mean(exp(s))`` of its last step,
+    #: folded into the store's ``Z`` (``Z ← m·Z + (1 − m)·observation``).
+    z_observation: float | None = None
 
 
 class StepControl(NamedTuple):
@@ -351,18 +355,31 @@ class ShardActor:
             self.bank.update(ids[owned], feats[owned])
         control = None
         if self.shard == 0:
-            control = self._count_step(request.min_step, request.known_z)
+            momentum = getattr(obj, "z_momentum", None)
+            control = self._count_step(
+                request.min_step, request.known_z, request.z_observation, momentum
+            )
         reply = (pack_stats(stats), control)
         self._remember(request.request_id, reply)
         self._applied += 1
         return wire.to_pieces((self.stamp, reply), request.pieces)
 
-    def _count_step(self, min_step: int, known_z: float | None) -> StepControl:
-        """Shard 0: count one step; the counter, ``Z`` and whether a snapshot is due."""
+    def _count_step(
+        self,
+        min_step: int,
+        known_z: float | None,
+        z_observation: float | None = None,
+        z_momentum: float | None = None,
+    ) -> StepControl:
+        """Shard 0: count one step (and fold a client's ``Z`` observation into ``Z``); the
+        counter, ``Z`` and whether a snapshot is due."""
         with self._lock:
             self._counter = max(self._counter, int(min_step)) + 1
             if self._z is None and known_z is not None:
                 self._z = float(known_z)
+            usable = z_observation is not None and math.isfinite(z_observation)
+            if usable and z_momentum is not None and self._z is not None:
+                self._z = z_momentum * self._z + (1 - z_momentum) * float(z_observation)
             return StepControl(self._counter, self._z, self._snapshot_due(self._counter))
 
     def expsum(

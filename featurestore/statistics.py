@@ -41,6 +41,7 @@ class PartialStats:
         weighted: ``[B, d]`` ``Σ exp(s - max)·v``; softmax family.
         noise_loss: ``[B]`` ``Σ_k -log(1 - h(n_k))`` over this shard's noise; NCE.
         noise_grad: ``[B, d]`` ``Σ_k (∂ℓ_k/∂s_k)·v_k / τ``; NCE.
+        noise_expsum: ``[B]`` ``Σ_k exp(s_k)`` over this shard's noise; NCE (for ``Z``).
         pos_index: ``[p]`` int64 batch positions whose id this shard owns.
         pos_rows: ``[p, d]`` the (pre-update) rows of those positives.
     """
@@ -52,6 +53,7 @@ class PartialStats:
     weighted: Tensor | None = None
     noise_loss: Tensor | None = None
     noise_grad: Tensor | None = None
+    noise_expsum: Tensor | None = None
 
     def to(self, device: torch.device | str) -> PartialStats:
         """A copy with every tensor on ``device``."""
@@ -176,32 +178,36 @@ def nce_stats_sampled(
     z: float,
     num_rows: int,
     budget: int = DEFAULT_GATHER_BUDGET,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """NCE noise terms over this shard's noise rows.
 
     With ``p = exp(s)/Z`` and ``c = K/N``: loss ``Σ_k log(p_k + c + eps) - log(c)`` and
-    ``∂ℓ_k/∂s_k = p_k / (p_k + c + eps)``. Returns ``(noise_loss [B], noise_grad [B, d])``.
+    ``∂ℓ_k/∂s_k = p_k / (p_k + c + eps)``. Returns ``(noise_loss [B], noise_grad [B, d],
+    noise_expsum [B])``, the last being ``Σ_k exp(s_k)`` (for re-estimating ``Z``).
     """
     batch, dim = feats.shape
     loss = torch.zeros(batch, device=feats.device)
     grad = torch.zeros(batch, dim, device=feats.device)
+    expsum = torch.zeros(batch, device=feats.device)
     if noise.ids.shape[1] == 0:
-        return loss, grad
+        return loss, grad, expsum
     c = objective.num_negatives / num_rows
     log_c = math.log(c)
     for b0, b1, g, s, valid in _scores_per_query(
         rows, lo, feats, noise, objective.temperature, budget
     ):
         p = s.exp_().div_(z)  # s is a temporary: reuse it for p
+        if valid is not None:
+            p = p.masked_fill_(~valid, 0.0)
+        expsum[b0:b1] = p.sum(dim=1) * z
         denom = p + (c + objective.eps)
         dl_ds = p.div_(denom)
         term = denom.log_().sub_(log_c)
         if valid is not None:
-            dl_ds = dl_ds.masked_fill_(~valid, 0.0)
             term = term.masked_fill_(~valid, 0.0)
         loss[b0:b1] = term.sum(dim=1)
         grad[b0:b1] = _weighted_sum(dl_ds, g).div_(objective.temperature)
-    return loss, grad
+    return loss, grad, expsum
 
 
 def expsum_sampled(
@@ -263,7 +269,7 @@ def shard_statistics(
         )
     elif isinstance(objective, NCE):
         assert noise is not None and z is not None
-        out.noise_loss, out.noise_grad = nce_stats_sampled(
+        out.noise_loss, out.noise_grad, out.noise_expsum = nce_stats_sampled(
             rows, lo, feats, noise, objective, z, num_rows
         )
     else:
@@ -282,6 +288,17 @@ def estimate_z(expsum_noise: float, pos_scores: Tensor, num_rows: int, num_pairs
     """
     total = expsum_noise + float(pos_scores.double().exp().sum())
     return num_rows * total / num_pairs
+
+
+def observed_z(parts: list[PartialStats], feats: Tensor, objective: NCE, num_rows: int) -> float:
+    """``N · mean(exp(s))`` over this step's ``B·(K+1)`` scored pairs (noise and positives),
+    from the parts' ``noise_expsum``: the observation an NCE ``z_momentum`` average takes."""
+    batch, dim = feats.shape
+    pos = positive_rows(parts, batch, dim)
+    s_pos = (pos * feats).sum(dim=1).double() / objective.temperature
+    noise = sum(float(p.noise_expsum.double().sum()) for p in parts if p.noise_expsum is not None)
+    pairs = batch * (objective.num_negatives + 1)
+    return num_rows * (noise + float(s_pos.exp().sum())) / pairs
 
 
 def positive_rows(parts: list[PartialStats], batch: int, dim: int) -> Tensor:
@@ -356,6 +373,7 @@ __all__ = [
     "expsum_sampled",
     "merge",
     "nce_stats_sampled",
+    "observed_z",
     "positive_rows",
     "shard_statistics",
     "softmax_stats_all",

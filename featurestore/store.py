@@ -55,7 +55,7 @@ from featurestore.shard_actor import (
     unpack_stats,
 )
 from featurestore.snapshot import latest_snapshot
-from featurestore.statistics import DEFAULT_MEMORY_BUDGET, estimate_z, merge
+from featurestore.statistics import DEFAULT_MEMORY_BUDGET, estimate_z, merge, observed_z
 from featurestore.validation import (
     check_count,
     check_ids,
@@ -334,6 +334,8 @@ class ShardedStore:
         #: Restarts of each shard this client has seen.
         self.restarts = [0] * self.num_shards
         self._z: float | None = infos[0]["z"]
+        #: NCE with z_momentum: this client's last Z observation, sent with its next step.
+        self._z_observation: float | None = None
         self._max_step = int(infos[0]["step"]) - 1
         self._closed = False
         self._metrics = store_metrics()
@@ -735,6 +737,7 @@ class ShardedStore:
         with self._lock:  # reserve a step number: steps in flight draw different noise
             self._max_step += 1
             next_step, known_z = self._max_step, self._z
+            observation, self._z_observation = self._z_observation, None
         spec = None
         if objective.sampled:
             spec = NoiseSpec(
@@ -747,7 +750,9 @@ class ShardedStore:
         request = self._request_id()
         obj = objective.to_dict()
         pieces = wire.reply_pieces(*feats.shape)
-        message = StepRequest(pieces, request, ids.numpy(), obj, spec, z, next_step, known_z)
+        message = StepRequest(
+            pieces, request, ids.numpy(), obj, spec, z, next_step, known_z, observation
+        )
         args = (message, *self._wire_feats(feats.numpy()))
         calls = dict.fromkeys(range(self.num_shards), args)
         refs = self._submit_all("step", calls)
@@ -766,6 +771,10 @@ class ShardedStore:
                 if control.z is not None:
                     self._z = control.z
             sample_loss, grad = merge(parts, feats, objective, z, self.num_rows)
+            if isinstance(objective, NCE) and objective.tracks_z:
+                seen = observed_z(parts, feats, objective, self.num_rows)
+                with self._lock:
+                    self._z_observation = seen
             self._timed("step", start)
             if control.snapshot_due:
                 self._auto_snapshot(control.step_count)
