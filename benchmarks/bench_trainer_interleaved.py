@@ -6,7 +6,7 @@ one run (issue target >= 0.95x).
 difference being measured. Here one Ray Train run (one worker) holds every bank at once:
 an in-process ``MemoryBank`` and one ``ShardedStore`` per ``--num-shards`` value (the
 store actors all exist for the whole run, idle when it is not their turn). The worker
-runs the trainer's own epoch (``trainer.loop._train_epoch``: encode, ``step_async``, next
+runs the trainer's own epoch (``trainer.loop.train_epoch``: encode, ``step_async``, next
 batch, backward, optimizer step) with each bank in turn: round ``r`` runs every variant
 for one epoch, in an order rotated by ``r`` so that each variant takes each position
 equally often. Same model (training continues across epochs), same data order, same
@@ -40,20 +40,21 @@ def interleaved_loop(loop_config: dict) -> None:
     import ray.train
 
     from featurestore.store import ShardedStore
-    from trainer.loop import _setup, _train_batches, _train_epoch
+    from trainer.loop import setup, train_batches, train_epoch
+    from trainer.ray_runtime import RayRuntime
 
-    w = _setup(loop_config)  # the config says --bank local: w.bank is the MemoryBank
+    w = setup(loop_config, RayRuntime())  # the config says --bank local: w.bank is the MemoryBank
     banks = {"local": w.bank}
     for label, name in loop_config["stores"].items():
         banks[label] = ShardedStore.attach(name)
     order = list(banks)
-    loader = _train_batches(w)
+    loader = train_batches(w)
     step, epoch = 0, 0
     with open(loop_config["results"], "a") as out:
         for r in range(loop_config["rounds"]):
             for label in order[r % len(order) :] + order[: r % len(order)]:
                 w.bank = banks[label]
-                step, _loss, ips, _skipped = _train_epoch(w, loader, epoch, step)
+                step, _loss, ips, _skipped = train_epoch(w, loader, epoch, step)
                 out.write(json.dumps({"round": r, "bank": label, "images_per_sec": ips}) + "\n")
                 out.flush()
                 epoch += 1

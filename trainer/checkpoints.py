@@ -39,6 +39,9 @@ class TrainState:
     """URI of the store snapshot taken at this boundary."""
     data_position: dict[str, int]
     """``{"epoch": e, "batch": b}``: the next batch the loader delivers."""
+    bank: dict[str, Any] | None = None
+    """The in-process bank's :meth:`~featurestore.MemoryBank.state_dict` (rows, Z, step)
+    with ``--bank local``; the store's rows are in ``store_snapshot`` instead."""
 
 
 def save_checkpoint(directory: str | os.PathLike, state: TrainState, config: dict) -> Path:
@@ -52,6 +55,7 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState, config: dic
         "step": state.step,
         "store_snapshot": state.store_snapshot,
         "data_position": state.data_position,
+        "bank": state.bank,
     }
     tmp = path / f".{STATE_FILE}.tmp"
     torch.save(payload, tmp)

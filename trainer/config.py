@@ -20,6 +20,9 @@ import yaml
 OBJECTIVES = ("nce", "softmax", "sampled-softmax")
 ARCHS = ("auto", "small", "resnet18", "resnet50")
 SCHEDULES = ("step", "cosine")
+CACHE_MODES = ("auto", "memory", "device", "off")
+NCE_Z_MODES = ("fixed", "ema")
+LAUNCHERS = ("ray", "local")
 BUILTIN = "digits"
 
 
@@ -46,10 +49,16 @@ class TrainConfig:
     """Noise samples per positive; 0 means the exact softmax."""
     nce_t: float = 0.07
     nce_m: float = 0.5
+    nce_z: str = "fixed"
+    """NCE's normalising constant Z: fixed (estimated on the first step and kept, the
+    paper's) or ema (re-estimated after every step, momentum --nce-z-momentum)."""
+    nce_z_momentum: float = 0.99
     prox_lambda: float = 0.0
     lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    warmup_epochs: int = 0
+    """Epochs of linear learning-rate warm-up before the schedule."""
     schedule: str = "step"
     """step: ×0.1 at 40 %, 60 %, 80 % of the epochs (the reference's CIFAR schedule); cosine."""
     batch_size: int = 0
@@ -68,6 +77,10 @@ class TrainConfig:
     store_gpus_per_shard: float = 0.0
     """GPUs each store shard reserves with --use-gpu (0 = share: 0.5 / num_shards, so all
     shards fit on half of one GPU; 1 = one GPU per shard, for banks near a GPU's memory)."""
+    launcher: str = "ray"
+    """ray: Ray Train workers and the feature store service (the default, and the only
+    multi-worker path); local: the same loop in this process with an in-process bank, no
+    Ray (a single GPU, a debugger, machines without Ray)."""
     bank: str = "store"
     """store: the sharded feature store service; local: an in-process MemoryBank (one
     worker only; the baseline of the trainer benchmark)."""
@@ -78,7 +91,14 @@ class TrainConfig:
     max_failures: int = 2
     """Worker-group restarts Ray Train performs from the last checkpoint."""
     loader_workers: int = 0
-    """DataLoader processes per training worker."""
+    """DataLoader processes per training worker (streaming path; decoding for the cache)."""
+    data_cache: str = "auto"
+    """auto | memory | device | off: hold the dataset decoded (uint8) in host memory or on
+    the training device and augment whole batches there (trainer.data_cache). auto: memory
+    (device with --use-gpu) when the decoded train and val data fit --data-cache-budget and
+    all images share one size; else the streaming shard loader."""
+    data_cache_budget: float = 4.0
+    """GiB the decoded data may take for --data-cache auto."""
     image_size: int = 0
     """0 = from the dataset (32 for the built-in and CIFAR-sized images, else 224)."""
     seed: int = 0
@@ -124,6 +144,8 @@ class TrainConfig:
             "loader_workers",
             "image_size",
             "store_gpus_per_shard",
+            "data_cache_budget",
+            "warmup_epochs",
         ):
             positive(name, allow_zero=True)
         if not 0 <= self.nce_m <= 1:
@@ -143,6 +165,20 @@ class TrainConfig:
                 f"--batch-size {self.resolved_batch_size} is not divisible by "
                 f"--num-workers {self.num_workers}"
             )
+        if self.data_cache not in CACHE_MODES:
+            raise ConfigError(
+                f"--data-cache must be one of {', '.join(CACHE_MODES)}, got {self.data_cache!r}"
+            )
+        if self.nce_z not in NCE_Z_MODES:
+            raise ConfigError(f"--nce-z must be fixed or ema, got {self.nce_z!r}")
+        if not 0 <= self.nce_z_momentum < 1:
+            raise ConfigError(f"--nce-z-momentum must be in [0, 1), got {self.nce_z_momentum}")
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(f"--launcher must be ray or local, got {self.launcher!r}")
+        if self.launcher == "local" and self.num_workers != 1:
+            raise ConfigError("--launcher local runs one worker: use --num-workers 1")
+        if self.launcher == "local" and self.store_name is not None:
+            raise ConfigError("--launcher local keeps the bank in process: drop --store-name")
         if self.bank not in ("store", "local"):
             raise ConfigError(f"--bank must be store or local, got {self.bank!r}")
         if self.bank == "local" and self.num_workers != 1:
@@ -175,6 +211,11 @@ class TrainConfig:
         if self.batch_size:
             return self.batch_size
         return 128 if self.builtin else 256
+
+    @property
+    def resolved_bank(self) -> str:
+        """store | local: the local launcher always keeps the bank in process."""
+        return "local" if self.launcher == "local" else self.bank
 
     @property
     def objective_kind(self) -> str:
@@ -225,11 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--nce-k", type=int, help="noise samples per positive; 0 = exact softmax")
     add("--nce-t", type=float, help="temperature τ")
     add("--nce-m", type=float, help="memory bank momentum")
+    add("--nce-z", choices=NCE_Z_MODES, help="NCE's Z: fixed after the first step, or ema")
+    add("--nce-z-momentum", type=float, help="momentum of --nce-z ema")
     add("--prox-lambda", type=float)
     add("--lr", type=float)
     add("--momentum", type=float, help="SGD momentum")
     add("--weight-decay", type=float)
     add("--schedule", choices=SCHEDULES)
+    add("--warmup-epochs", type=int, help="linear learning-rate warm-up epochs")
     add("--batch-size", type=int, help="global batch size")
     add("--epochs", type=int)
     add("--num-workers", type=int, help="Ray Train workers (DDP)")
@@ -239,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--store-dtype", choices=("float32", "bfloat16", "float16"))
     add("--store-gpus-per-shard", type=float, help="GPUs per store shard with --use-gpu")
     add("--bank", choices=("store", "local"), help="feature store service or in-process")
+    add("--launcher", choices=LAUNCHERS, help="ray (Ray Train) or local (this process, no Ray)")
     add("--resume", action="store_true", default=None)
     add("--eval-every", type=int, help="kNN evaluation every N epochs; 0 = never (benchmarks)")
     add("--checkpoint-every", type=int)
@@ -246,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-failures", type=int)
     add("--loader-workers", type=int)
     add("--image-size", type=int)
+    add("--data-cache", choices=CACHE_MODES, help="hold the decoded dataset in memory/on device")
+    add("--data-cache-budget", type=float, help="GiB the decoded data may take (auto mode)")
     add("--seed", type=int)
     add("--no-progress", dest="progress", action="store_false", default=None)
     add("--storage-path", help="Ray Train storage path (local or s3://…)")

@@ -17,6 +17,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from trainer.checkpoints import ray_storage
 from trainer.config import ConfigError, TrainConfig
+from trainer.guard import TrainingStoppedError
 from trainer.loop import train_loop_per_worker
 from trainer.plan import RunPlan
 
@@ -42,7 +43,7 @@ def connect() -> bool:
 
 def open_store(cfg: TrainConfig, plan: RunPlan):
     """Create the run's store or attach to ``--store-name``; check it fits the data."""
-    if cfg.bank == "local":
+    if cfg.resolved_bank == "local":
         return None
     from featurestore.store import ShardedStore
 
@@ -119,6 +120,9 @@ def run(cfg: TrainConfig, plan: RunPlan) -> None:
         result = build_trainer(cfg, plan).fit()
         if result.error is not None:
             raise result.error
+        stopped = (result.metrics or {}).get("error")
+        if stopped:  # the workers stopped the run on purpose (non-finite values)
+            raise TrainingStoppedError(stopped, epoch=-1, step=-1)
     finally:
         if store is not None and plan.create_store:
             store.shutdown()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
@@ -21,8 +22,79 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from knn_service import KnnIndex, knn_evaluate
+from trainer.augment import build_batch_transform
+from trainer.cached_loader import CachedLoader
+from trainer.data import ShardIndex, eval_loader
+from trainer.data_cache import DecodedDataset
+from trainer.transforms import build_transform
 
 logger = logging.getLogger(__name__)
+
+#: Images per forward pass when encoding a dataset for evaluation.
+EVAL_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Split:
+    """One dataset of an evaluation: its index and, when held decoded, its pixels."""
+
+    index: ShardIndex
+    pixels: DecodedDataset | None = None
+
+    def labels(self) -> Tensor:
+        """``[N]`` int64 labels by id."""
+        return torch.from_numpy(self.index.labels).long()
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """How to encode and vote: the test transform's preset and size, the embedding size,
+    the device, and the vote's classes, ``k`` and ``σ``."""
+
+    preset: str
+    image_size: int
+    dim: int
+    device: torch.device
+    num_classes: int
+    k: int
+    temperature: float
+
+
+def encode_split(model: nn.Module, split: Split, setup: EvalSetup) -> tuple[Tensor, Tensor]:
+    """Features of every instance of ``split`` with the test transform: ``(feats [N, d],
+    seen [N] bool)``, from the decoded pixels when held, else streamed from the shards."""
+    if split.pixels is not None:
+        test = build_batch_transform(setup.preset, train=False, image_size=setup.image_size)
+        loader = CachedLoader(split.pixels, EVAL_BATCH, test, train=False, device=setup.device)
+    else:
+        test_tf = build_transform(setup.preset, train=False, image_size=setup.image_size)
+        loader = eval_loader(split.index, EVAL_BATCH, test_tf)
+    n = split.index.num_instances
+    return extract_features(model, loader, n, setup.dim, setup.device)
+
+
+def evaluate(
+    model: nn.Module, train: Split, val: Split, setup: EvalSetup, bank: KnnIndex | None = None
+) -> dict[str, float]:
+    """The 200-NN vote of ``val`` against ``train``: the bank's rows when ``bank`` is given,
+    else train features recomputed with the test transform. ``{"knn_top1", "knn_top5"}``."""
+    val_feats, val_seen = encode_split(model, val, setup)
+    train_labels = train.labels()
+    if bank is None:
+        feats, seen = encode_split(model, train, setup)
+        train_side: KnnIndex | Tensor = feats[seen]
+        train_labels = train_labels[seen]  # skipped samples left out
+    else:
+        train_side = bank
+    return knn_accuracy(
+        train_side,
+        train_labels,
+        val_feats[val_seen],
+        val.labels()[val_seen],
+        setup.num_classes,
+        setup.k,
+        setup.temperature,
+    )
 
 
 @torch.no_grad()

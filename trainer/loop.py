@@ -1,10 +1,11 @@
-"""The per-worker training loop (runs inside each Ray Train worker).
+"""The per-worker training loop, the same under both launchers (:mod:`trainer.runtime`).
 
-Each step: encode → ``store.step_async(f, ids, objective)`` → load the next batch while the
-shards work → ``f.backward(∂loss/∂f)`` with the step's result → optimizer step. Labels are
-never used for training, only by the kNN evaluation.
-Ray appears at the marked places only: the context, model preparation, reporting and
-checkpoints; the store client hides its own Ray calls.
+Each step: encode → ``bank.step_async(f, ids, objective)`` → load the next batch while the
+bank (the store's shards, or the in-process bank) works → ``f.backward(∂loss/∂f)`` →
+optimizer step. Labels are never used for training, only by the kNN evaluation.
+Ray Train runs :func:`train_loop_per_worker` in each worker; ``--launcher local`` runs
+:func:`run_worker` in the launching process with :class:`~trainer.runtime.LocalRuntime`,
+and nothing on that path imports Ray.
 """
 
 from __future__ import annotations
@@ -18,31 +19,36 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray.train  # Ray: context, report, checkpoints
-import ray.train.torch  # Ray: DDP preparation, device
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from featurestore import MemoryBank
+from trainer.augment import build_batch_transform
+from trainer.cached_loader import CachedLoader
 from trainer.checkpoints import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import ShardIndex, eval_loader, train_loader
-from trainer.evaluation import extract_features, index_from_export, knn_accuracy
-from trainer.metrics import append_jsonl, train_metrics, truncate_jsonl_after
+from trainer.data import ShardIndex, train_loader
+from trainer.data_cache import load_decoded
+from trainer.evaluation import EvalSetup, Split, evaluate, index_from_export
+from trainer.guard import DivergenceWatch, TrainingStoppedError
+from trainer.metrics import append_jsonl, truncate_jsonl_after
 from trainer.models import EncoderConfig, build_encoder, export_encoder
 from trainer.plan import RunPlan
+from trainer.runtime import Metrics, Runtime
 from trainer.transforms import build_transform
 
 logger = logging.getLogger(__name__)
 
 MILESTONES = (0.4, 0.6, 0.8)
-EVAL_BATCH = 256
 
 
 def learning_rate(cfg: TrainConfig, epoch: int, epochs: int) -> float:
-    """LR of ``epoch`` (0-based): ×0.1 at each milestone (step) or cosine decay."""
+    """LR of ``epoch`` (0-based): a linear warm-up over ``cfg.warmup_epochs``, then ×0.1 at
+    each milestone (step) or cosine decay."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * (epoch + 1) / cfg.warmup_epochs
     if cfg.schedule == "cosine":
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / max(1, epochs)))
     drops = sum(1 for f in MILESTONES if int(f * epochs) > 0 and epoch >= int(f * epochs))
@@ -55,130 +61,152 @@ class Worker:
 
     cfg: TrainConfig
     plan: RunPlan
-    rank: int
-    world: int
-    device: torch.device
+    runtime: Runtime
+    metrics: Metrics
     model: nn.Module
     optimizer: torch.optim.Optimizer
     bank: object  # ShardedStore or MemoryBank: the same interface
-    train_index: ShardIndex
-    val_index: ShardIndex | None
-    """Dataset indexes, read once per worker (not at every evaluation)."""
+    train: Split
+    val: Split | None
+    """The datasets, read once per worker (index, and pixels when held decoded)."""
+
+    @property
+    def rank(self) -> int:
+        return self.runtime.rank
+
+    @property
+    def world(self) -> int:
+        return self.runtime.world
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
 
     @property
     def encoder(self) -> nn.Module:
         """The model without its DDP wrapper."""
         return getattr(self.model, "module", self.model)
 
-
-def _open_bank(cfg: TrainConfig, plan: RunPlan):
-    if cfg.bank == "local":  # in-process bank (benchmarks, one worker)
-        return MemoryBank(
-            plan.num_rows, cfg.low_dim, momentum=cfg.nce_m, seed=cfg.seed, dtype=cfg.store_dtype
+    def eval_setup(self) -> EvalSetup:
+        """How this run encodes and votes."""
+        return EvalSetup(
+            preset=self.plan.preset,
+            image_size=self.plan.image_size,
+            dim=self.cfg.low_dim,
+            device=self.device,
+            num_classes=self.plan.num_classes,
+            k=self.cfg.knn_k,
+            temperature=self.cfg.nce_t,
         )
-    from featurestore.store import ShardedStore
+
+
+def _open_bank(cfg: TrainConfig, plan: RunPlan, device: torch.device):
+    if cfg.resolved_bank == "local":  # in-process bank (the local launcher, benchmarks)
+        return MemoryBank(
+            plan.num_rows,
+            cfg.low_dim,
+            momentum=cfg.nce_m,
+            seed=cfg.seed,
+            dtype=cfg.store_dtype,
+            device=device,
+        )
+    from featurestore.store import ShardedStore  # Ray: the store client
 
     return ShardedStore.attach(plan.store_name)
 
 
-def _setup(loop_config: dict) -> Worker:
+def _split(index: ShardIndex, plan: RunPlan, cfg: TrainConfig, device: torch.device) -> Split:
+    if plan.data_cache == "off":
+        return Split(index)
+    where = device if plan.data_cache == "device" else torch.device("cpu")
+    return Split(index, load_decoded(index, workers=cfg.loader_workers).to(where))
+
+
+def setup(loop_config: dict, runtime: Runtime) -> Worker:
+    """Build this worker's model, optimizer, bank client and datasets."""
     cfg = TrainConfig.from_dict(loop_config["config"])
     plan = RunPlan.from_dict(loop_config["plan"])
-    ctx = ray.train.get_context()  # Ray: who am I
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // runtime.world))
     torch.manual_seed(cfg.seed)
     model = build_encoder(
         plan.arch,
         cfg.low_dim,
-        cifar_stem=plan.preset != "imagenet" if plan.arch != "small" else None,
+        cifar_stem=plan.preset != "imagenet" if plan.arch.startswith("resnet") else None,
     )
     if cfg.use_gpu:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)  # Ray: device placement + DDP
-    device = ray.train.torch.get_device()
+    model = runtime.prepare_model(model)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    train_index = ShardIndex.load(plan.train_data)
-    val_index = ShardIndex.load(plan.val_data) if plan.val_data is not None else None
-    bank = _open_bank(cfg, plan)
-    return Worker(cfg, plan, rank, world, device, model, optimizer, bank, train_index, val_index)
+    device = runtime.device
+    train = _split(ShardIndex.load(plan.train_data), plan, cfg, device)
+    val = None
+    if plan.val_data is not None:
+        val = _split(ShardIndex.load(plan.val_data), plan, cfg, device)
+    bank = _open_bank(cfg, plan, device)
+    return Worker(cfg, plan, runtime, runtime.metrics(), model, optimizer, bank, train, val)
 
 
-def _resume(w: Worker) -> tuple[int, int]:
+def resume(w: Worker) -> tuple[int, int]:
     """Load the latest checkpoint: ``(start_epoch, step)``.
 
-    After a worker failure Ray Train hands back the last reported checkpoint; on
+    After a worker failure the launcher hands back the last reported checkpoint; on
     ``--resume`` the driver found the run's latest one (``plan.resume_from``).
     """
-    checkpoint = ray.train.get_checkpoint()  # Ray: set after a worker-group restart
+    restart = w.runtime.restart_checkpoint()
     # A worker killed right after reporting can restart before the controller registered
     # that report: then the newest complete checkpoint of this launch on disk is the truth.
     on_disk = None
     if "://" not in w.plan.storage_path:
         on_disk = latest_checkpoint(Path(w.plan.storage_path) / w.plan.run_name)
-    if on_disk is not None:
-        state, _ = load_checkpoint(on_disk)
-    elif checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state, _ = load_checkpoint(directory)
-    elif w.plan.resume_from:
-        state, _ = load_checkpoint(w.plan.resume_from)
-    else:
+    source = on_disk or restart or w.plan.resume_from
+    if not source:
         return 0, 0
+    state, _ = load_checkpoint(source)
     w.encoder.load_state_dict(state.model)
     w.optimizer.load_state_dict(state.optimizer)
     if w.rank == 0:
-        if state.store_snapshot and hasattr(w.bank, "load_snapshot"):
+        if isinstance(w.bank, MemoryBank) and state.bank is not None:
+            w.bank.load_state_dict(state.bank)  # the in-process bank's rows and Z
+        elif state.store_snapshot and hasattr(w.bank, "load_snapshot"):
             w.bank.load_snapshot(state.store_snapshot)  # bank back to the checkpoint's rows
         truncate_jsonl_after(Path(w.plan.output) / "metrics.jsonl", state.step)
     logger.info("resumed at epoch %d, step %d", state.epoch, state.step)
     return state.epoch, state.step
 
 
-def _encode_all(w: Worker, index: ShardIndex) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every instance of ``index`` with the test transform: ``(feats, seen)``."""
-    test_tf = build_transform(w.plan.preset, train=False, image_size=w.plan.image_size)
-    loader = eval_loader(index, EVAL_BATCH, test_tf)
-    return extract_features(w.encoder, loader, index.num_instances, w.cfg.low_dim, w.device)
-
-
-def _evaluate(w: Worker, recompute: bool = False) -> dict[str, float]:
+def evaluate_knn(w: Worker, recompute: bool = False) -> dict[str, float]:
     """kNN top-1/top-5 on the validation data (rank 0 only): train features from the bank,
     or recomputed with the test transform."""
-    if w.val_index is None:
+    if w.val is None:
         return {}
-    val_feats, val_seen = _encode_all(w, w.val_index)
-    train_labels = torch.from_numpy(w.train_index.labels)
-    if recompute:
-        train, seen = _encode_all(w, w.train_index)
-        train, train_labels = train[seen], train_labels[seen]  # skipped samples left out
-    else:
-        train = index_from_export(w.bank.export(), w.cfg.low_dim)
-    result = knn_accuracy(
-        train,
-        train_labels,
-        val_feats[val_seen],
-        torch.from_numpy(w.val_index.labels)[val_seen],
-        w.plan.num_classes,
-        w.cfg.knn_k,
-        w.cfg.nce_t,
-    )
-    metrics = train_metrics()
-    metrics.keep(metrics.knn_top1, result["knn_top1"])
-    metrics.keep(metrics.knn_top5, result["knn_top5"])
+    bank = None if recompute else index_from_export(w.bank.export(), w.cfg.low_dim)
+    result = evaluate(w.encoder, w.train, w.val, w.eval_setup(), bank)
+    w.metrics.gauge("knn_top1", result["knn_top1"])
+    w.metrics.gauge("knn_top5", result["knn_top5"])
     return result
 
 
-def _train_batches(w: Worker):
+def train_batches(w: Worker):
     """This rank's training loader: its part of every epoch, train transform, batch
-    ``global batch / world``."""
-    train_tf = build_transform(w.plan.preset, train=True, image_size=w.plan.image_size)
+    ``global batch / world``; from the decoded pixels when held, else the shards."""
+    batch = w.cfg.resolved_batch_size // w.world
+    if w.train.pixels is not None:
+        return CachedLoader(
+            w.train.pixels,
+            batch,
+            build_batch_transform(w.plan.preset, train=True, image_size=w.plan.image_size),
+            train=True,
+            rank=w.rank,
+            world_size=w.world,
+            seed=w.cfg.seed,
+            device=w.device,
+        )
     return train_loader(
-        w.train_index,
-        w.cfg.resolved_batch_size // w.world,
-        train_tf,
+        w.train.index,
+        batch,
+        build_transform(w.plan.preset, train=True, image_size=w.plan.image_size),
         rank=w.rank,
         world_size=w.world,
         num_workers=w.cfg.loader_workers,
@@ -186,14 +214,25 @@ def _train_batches(w: Worker):
     )
 
 
-def _train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, float, int]:
-    """One epoch: ``(step, mean loss, images/s, corrupt samples skipped)``, all ranks."""
+def _all_finite(w: Worker, feats: torch.Tensor) -> bool:
+    """Whether every rank's features are finite (one small all-reduce with several ranks)."""
+    ok = torch.isfinite(feats).all().to(torch.float32).reshape(1).cpu()
+    if w.world > 1 and dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, float, int]:
+    """One epoch: ``(step, mean loss, images/s, corrupt samples skipped)``, all ranks.
+
+    Raises:
+        TrainingStoppedError: the features or the epoch's loss are not finite.
+    """
     lr = learning_rate(w.cfg, epoch, w.plan.epochs)
     for group in w.optimizer.param_groups:
         group["lr"] = lr
     objective = w.plan.build_objective()
-    metrics = train_metrics()
-    metrics.keep(metrics.epoch, epoch + 1)
+    w.metrics.gauge("epoch", epoch + 1)
     loader.set_epoch(epoch)
     w.model.train()
     total, count, images = 0.0, 0, 0
@@ -215,8 +254,15 @@ def _train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, 
             x = x.to(memory_format=torch.channels_last)
         with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.cfg.use_gpu):
             feats = w.model(x)
+        if not _all_finite(w, feats):
+            raise TrainingStoppedError(
+                f"the encoder's features became non-finite at epoch {epoch + 1}, step "
+                f"{step + 1} (lr {lr:.4g}): lower --lr or add --warmup-epochs",
+                epoch + 1,
+                step,
+            )
         pending = w.bank.step_async(feats.detach().float(), ids, objective)
-        batch = next(batches, None)  # the shards score and update while the next batch loads
+        batch = next(batches, None)  # the bank scores and updates while the next batch loads
         out = pending.result()
         w.optimizer.zero_grad(set_to_none=True)
         feats.backward(out.grad.to(feats.device, feats.dtype))
@@ -224,14 +270,13 @@ def _train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, 
         step += 1
         loss = float(out.loss)
         total, count, images = total + loss * len(ids), count + len(ids), images + len(ids)
-        seconds = time.perf_counter() - t0
-        metrics.loss.set(loss)
-        metrics.images.inc(len(ids))
-        metrics.step_seconds.observe(seconds)
+        w.metrics.gauge("loss", loss)
+        w.metrics.count("images", len(ids))
+        w.metrics.observe("step_seconds", time.perf_counter() - t0)
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / (time.perf_counter() - start):.0f}")
     elapsed = time.perf_counter() - start
     if loader.epoch_skipped:
-        metrics.skipped.inc(loader.epoch_skipped)
+        w.metrics.count("skipped", loader.epoch_skipped)
     sums = torch.tensor([total, count, images, elapsed, loader.epoch_skipped], dtype=torch.float64)
     if w.world > 1 and dist.is_initialized():
         dist.all_reduce(sums)
@@ -239,26 +284,33 @@ def _train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, 
     if skipped and w.rank == 0:  # reported once per epoch, for all ranks
         logger.warning("epoch %d: skipped %d corrupt samples", epoch + 1, skipped)
     loss_mean = float(sums[0] / max(1.0, sums[1]))
+    if not math.isfinite(loss_mean):
+        raise TrainingStoppedError(
+            f"the loss became non-finite in epoch {epoch + 1} (lr {lr:.4g}): lower --lr",
+            epoch + 1,
+            step,
+        )
     return step, loss_mean, float(sums[2] / (sums[3] / w.world)), skipped
 
 
-def _checkpoint(w: Worker, epoch: int, step: int, record: dict) -> None:
-    """Snapshot the store and report a checkpoint (rank 0) or just the metrics."""
+def checkpoint(w: Worker, epoch: int, step: int, record: dict) -> None:
+    """Snapshot the bank and report a checkpoint (rank 0) or just the metrics."""
     if w.rank != 0:
-        ray.train.report(record)  # Ray: every rank reports
+        w.runtime.report(record)
         return
-    uri = w.bank.snapshot() if hasattr(w.bank, "snapshot") else None
+    local = isinstance(w.bank, MemoryBank)
     state = TrainState(
         model=w.encoder.state_dict(),
         optimizer=w.optimizer.state_dict(),
         epoch=epoch,
         step=step,
-        store_snapshot=uri,
+        store_snapshot=None if local else w.bank.snapshot(),
         data_position={"epoch": epoch, "batch": 0},
+        bank=w.bank.state_dict() if local else None,
     )
     with tempfile.TemporaryDirectory(prefix="npid-ckpt-") as tmp:
         save_checkpoint(tmp, state, w.cfg.to_dict())
-        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))  # Ray
+        w.runtime.report(record, checkpoint_dir=Path(tmp))
 
 
 def _record(w: Worker, record: dict) -> None:
@@ -268,32 +320,32 @@ def _record(w: Worker, record: dict) -> None:
         logger.info("npid %s", shown)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry point; ``loop_config = {"config": TrainConfig, "plan": RunPlan}`` dicts."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    w = _setup(loop_config)
-    start_epoch, step = _resume(w)
+def _final_record(w: Worker, epoch: int, step: int, result: dict) -> dict:
+    return {
+        "epoch": epoch,
+        "step": step,
+        "features": "recomputed",
+        "loss": None,
+        "images_per_sec": None,
+        **result,
+    }
+
+
+def _train(w: Worker) -> None:
+    start_epoch, step = resume(w)
     if w.world > 1 and dist.is_initialized():
         dist.barrier()  # nobody steps the store before rank 0 has restored its snapshot
     epochs = w.plan.epochs
-    loader = _train_batches(w)
-    evaluate = w.cfg.eval_every > 0  # 0: never (throughput runs)
-    if evaluate and start_epoch == 0 and step == 0 and w.rank == 0:
+    loader = train_batches(w)
+    evaluate_now = w.cfg.eval_every > 0  # 0: never (throughput runs)
+    objective = w.plan.objective
+    z_mode = "ema" if objective.get("z_momentum") is not None else "fixed"
+    watch = DivergenceWatch(objective["kind"], z_mode, w.cfg.nce_m)
+    if evaluate_now and start_epoch == 0 and step == 0 and w.rank == 0:
         # Before the first step the bank holds random rows: evaluate recomputed features.
-        knn = _evaluate(w, recompute=True)
-        _record(
-            w,
-            {
-                "epoch": 0,
-                "step": 0,
-                "loss": None,
-                "images_per_sec": None,
-                "features": "recomputed",
-                **knn,
-            },
-        )
+        _record(w, _final_record(w, 0, 0, evaluate_knn(w, recompute=True)))
     for epoch in range(start_epoch, epochs):
-        step, loss, ips, skipped = _train_epoch(w, loader, epoch, step)
+        step, loss, ips, skipped = train_epoch(w, loader, epoch, step)
         done = epoch + 1
         record = {
             "epoch": done,
@@ -302,35 +354,53 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "images_per_sec": ips,
             "skipped": skipped,
         }
-        if evaluate and w.rank == 0 and (done % w.cfg.eval_every == 0 or done == epochs):
-            record.update(features="bank", **_evaluate(w))
+        warning = watch.check(done, loss)
+        if warning is not None:
+            record["warning"] = warning
+            if w.rank == 0:
+                logger.warning("warning: %s", warning)
+        if evaluate_now and w.rank == 0 and (done % w.cfg.eval_every == 0 or done == epochs):
+            record.update(features="bank", **evaluate_knn(w))
         _record(w, record)
         if done % w.cfg.checkpoint_every == 0 or done == epochs:
-            _checkpoint(w, done, step, record)
+            checkpoint(w, done, step, record)
         else:
-            ray.train.report(record)  # Ray
+            w.runtime.report(record)
     if w.rank != 0:
         return
-    if evaluate:
-        final = _evaluate(w, recompute=True)
-        _record(
-            w,
-            {
-                "epoch": epochs,
-                "step": step,
-                "features": "recomputed",
-                "loss": None,
-                "images_per_sec": None,
-                **final,
-            },
-        )
+    if evaluate_now:
+        _record(w, _final_record(w, epochs, step, evaluate_knn(w, recompute=True)))
     export_encoder(
         w.encoder.cpu(),
         EncoderConfig(
             w.plan.arch,
             w.cfg.low_dim,
-            None if w.plan.arch == "small" else w.plan.preset != "imagenet",
+            None if not w.plan.arch.startswith("resnet") else w.plan.preset != "imagenet",
         ),
         Path(w.plan.output) / "encoder",
         metadata={"preset": w.plan.preset, "image_size": w.plan.image_size},
     )
+
+
+def run_worker(loop_config: dict, runtime: Runtime) -> str | None:
+    """Run one worker's part of the training; ``loop_config = {"config": TrainConfig,
+    "plan": RunPlan}`` dicts. Returns None, or the reason the run stopped (non-finite
+    values; recorded in ``metrics.jsonl`` as ``"error"`` and reported, so the launcher ends
+    the run instead of restarting it)."""
+    w = setup(loop_config, runtime)
+    try:
+        _train(w)
+    except TrainingStoppedError as exc:
+        record = {"epoch": exc.epoch, "step": exc.step, "error": str(exc)}
+        _record(w, record)
+        runtime.report(record)
+        return str(exc)
+    return None
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point (``loop_config`` as in :func:`run_worker`)."""
+    from trainer.ray_runtime import RayRuntime  # Ray: the worker's context
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    run_worker(loop_config, RayRuntime())

@@ -53,9 +53,21 @@ class TrainMetrics:
         self.knn_top5 = Gauge("npid_knn_top5", description="Weighted kNN top-5 accuracy.")
         self._keeper = GaugeKeeper()
 
-    def keep(self, gauge, value: float) -> None:
-        """Set a gauge that changes rarely (epoch, kNN) and keep it exported between sets."""
-        self._keeper.set(gauge, value)
+    def gauge(self, name: str, value: float) -> None:
+        """Set gauge ``name``; the rarely changing ones (epoch, kNN) stay exported between
+        sets."""
+        if name == "loss":
+            self.loss.set(value)
+        else:
+            self._keeper.set(getattr(self, name), value)
+
+    def count(self, name: str, value: float) -> None:
+        """Add ``value`` to counter ``name`` (``images``, ``skipped``)."""
+        getattr(self, name).inc(value)
+
+    def observe(self, name: str, value: float) -> None:
+        """Record ``value`` in histogram ``name`` (``step_seconds``)."""
+        getattr(self, name).observe(value)
 
 
 @lru_cache(maxsize=1)

@@ -20,6 +20,7 @@ from featurestore.objectives import NCE, Objective, SampledSoftmax, Softmax
 from trainer.checkpoints import latest_checkpoint, load_checkpoint, load_checkpoint_meta
 from trainer.config import RESUME_KEYS, ConfigError, TrainConfig
 from trainer.data import ShardIndex
+from trainer.data_cache import decoded_bytes
 from trainer.make_shards import ensure_builtin_dataset
 from trainer.transforms import DEFAULT_SIZE
 
@@ -52,6 +53,8 @@ class RunPlan:
     """Ray Train storage of this launch (local path or URL)."""
     run_name: str
     """Ray Train run name, unique per launch: checkpoints under storage_path/run_name."""
+    data_cache: str = "off"
+    """off | memory | device: where the decoded dataset is held (resolved from auto)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (sent to every worker)."""
@@ -124,7 +127,29 @@ def resolve_objective(cfg: TrainConfig, num_rows: int) -> Objective:
         return Softmax(**common)
     if kind == "sampled-softmax":
         return SampledSoftmax(num_negatives=cfg.nce_k, **common)
-    return NCE(num_negatives=cfg.nce_k, **common)
+    momentum = cfg.nce_z_momentum if cfg.nce_z == "ema" else None
+    return NCE(num_negatives=cfg.nce_k, z_momentum=momentum, **common)
+
+
+def resolve_data_cache(
+    cfg: TrainConfig, train_index: ShardIndex, val_index: ShardIndex | None
+) -> str:
+    """off | memory | device for ``--data-cache`` (auto: the decoded data fit the budget)."""
+    if cfg.data_cache != "auto":
+        return cfg.data_cache
+    sizes = [decoded_bytes(i) for i in (train_index, val_index) if i is not None]
+    budget = cfg.data_cache_budget * 2**30
+    if any(size is None for size in sizes):
+        logger.info("data cache off: images of more than one size (streaming the shards)")
+        return "off"
+    if sum(sizes) > budget:
+        logger.info(
+            "data cache off: decoded data (%.1f GiB) exceed --data-cache-budget %.1f GiB",
+            sum(sizes) / 2**30,
+            cfg.data_cache_budget,
+        )
+        return "off"
+    return "device" if cfg.use_gpu else "memory"
 
 
 def _newest_checkpoint(roots: list[str]) -> str | None:
@@ -149,6 +174,7 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
         train_data, val_data = _absolute(cfg.data), cfg.val_data and _absolute(cfg.val_data)
     train_index = _load_index(train_data, "--data")
     num_classes = max(len(train_index.classes), int(train_index.labels.max()) + 1, 1)
+    val_index: ShardIndex | None = None
     if val_data is not None:
         val_index = _load_index(val_data, "--val-data")
         num_classes = max(num_classes, len(val_index.classes), int(val_index.labels.max()) + 1)
@@ -190,4 +216,5 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
         resume_snapshot=resume_snapshot,
         storage_path=cfg.storage_path or os.path.join(output, "ray"),
         run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        data_cache=resolve_data_cache(cfg, train_index, val_index),
     )

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from trainer.config import ConfigError, parse_config
+from trainer.guard import TrainingStoppedError
 from trainer.metrics import read_jsonl
 
 
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from trainer import driver
+    if cfg.launcher == "local":
+        from trainer import local as driver  # no Ray on this path
+    else:
+        from trainer import driver  # type: ignore[no-redef]
 
     log.info(
         "npid: %d instances, %s, arch %s, %d epochs, output %s",
@@ -43,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStoppedError as exc:
+        print(f"error: training stopped: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)
         return 130
