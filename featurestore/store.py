@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import pickle
 import threading
@@ -772,9 +773,14 @@ class ShardedStore:
                     self._z = control.z
             sample_loss, grad = merge(parts, feats, objective, z, self.num_rows)
             if isinstance(objective, NCE) and objective.tracks_z:
+                # Fold the observation in now, as shard 0 will when the next step brings it:
+                # this client's next step then uses the Z a MemoryBank would.
                 seen = observed_z(parts, feats, objective, self.num_rows)
+                m = float(objective.z_momentum)
                 with self._lock:
                     self._z_observation = seen
+                    if self._z is not None and math.isfinite(seen):
+                        self._z = m * self._z + (1 - m) * seen
             self._timed("step", start)
             if control.snapshot_due:
                 self._auto_snapshot(control.step_count)

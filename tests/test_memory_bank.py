@@ -78,6 +78,46 @@ def test_nce_matches_reference_including_first_step_z(prox, shared):
     close(out2.grad, grad2)
 
 
+def _reference_z(rows, f, ids, noise, temperature=0.07):
+    """``N · mean(exp(s))`` over the batch's positives and noise (the reference estimate)."""
+    idx = torch.cat([ids.view(-1, 1), noise], dim=1)
+    s = torch.bmm(rows.double()[idx], f.double().unsqueeze(2)).squeeze(2) / temperature
+    return float(s.exp().mean()) * rows.shape[0]
+
+
+def test_nce_z_ema_follows_each_step_one_step_late():
+    """z_momentum=m: step t is scored with Z_t; then Z_{t+1} = m·Z_t + (1-m)·N·mean(exp(s_t))."""
+    m = 0.9
+    bank = MemoryBank(N, D, seed=5)
+    obj = NCE(num_negatives=K, z_momentum=m)
+    z = None
+    for t in range(4):
+        rows = bank.get(torch.arange(N)).clone()
+        f, ids, noise = make_batch(10 + t)
+        out = bank.step(f, ids, obj, noise_ids=noise)
+        observed = _reference_z(rows, f, ids, noise)
+        if z is None:
+            z = observed  # the first step estimates Z as the fixed-Z NCE does
+        loss, grad, _ = nce_reference(rows, f, ids, noise, 0.07, z)
+        assert out.z == pytest.approx(z, rel=1e-5)
+        close(out.loss, loss)
+        close(out.grad, grad)
+        z = m * z + (1 - m) * observed
+        assert bank.z == pytest.approx(z, rel=1e-5)
+    state = bank.state_dict()
+    again = MemoryBank(N, D, seed=5)
+    again.load_state_dict(state)
+    assert again.z == bank.z  # Z travels with the bank's state
+
+
+def test_nce_z_momentum_is_checked():
+    with pytest.raises(ValueError, match="z_momentum"):
+        NCE(z_momentum=1.0)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        NCE(z=3.0, z_momentum=0.99)
+    assert NCE(z_momentum=0.99).tracks_z and not NCE().tracks_z
+
+
 def test_nce_fixed_z_from_objective():
     bank = MemoryBank(N, D, seed=2)
     rows0 = bank.get(torch.arange(N)).clone()

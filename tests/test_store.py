@@ -64,6 +64,26 @@ STEPS = [
 ]
 
 
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_nce_z_ema_through_the_store_equals_memory_bank(make_store, num_shards):
+    """Z re-estimated every step (z_momentum): the store's Z follows the MemoryBank's, the
+    observation travelling to shard 0 with the client's next step."""
+    store = make_store(num_rows=N, dim=D, num_shards=num_shards, seed=6)
+    bank = MemoryBank(N, D, seed=6)
+    objective = NCE(num_negatives=K, z_momentum=0.8)
+    for i in range(5):
+        feats, ids, noise = batch(60 + i)
+        got = store.step(feats, ids, objective, noise_ids=noise)
+        want = bank.step(feats, ids, objective, noise_ids=noise)
+        assert got.z == pytest.approx(want.z, rel=1e-5)
+        close(got.loss, want.loss)
+        close(got.grad, want.grad, tol=1e-5)
+    assert bank.z != pytest.approx(got.z, rel=1e-3)  # Z moved after the last step ...
+    feats, ids, noise = batch(70)
+    got = store.step(feats, ids, objective, noise_ids=noise)  # ... and the store follows
+    assert got.z == pytest.approx(bank.z, rel=1e-5)
+
+
 @pytest.mark.parametrize("num_shards", [1, 2, 3])
 def test_sharded_step_equals_memory_bank_for_every_objective(make_store, num_shards):
     store = make_store(num_rows=N, dim=D, num_shards=num_shards, seed=3, memory_budget=4096)

