@@ -55,7 +55,7 @@ class Encoder:
 
     Attributes:
         model: maps ``[B, 3, H, W]`` to unit rows ``[B, dim]``; in eval mode, on ``device``.
-        arch: ``"small"``, ``"resnet18"`` or ``"resnet50"``.
+        arch: ``"small"``, ``"small-wide"``, ``"resnet18"`` or ``"resnet50"``.
         dim: embedding size ``d``.
         preset: augmentation preset (``"cifar"``, ``"imagenet"``, ``"digits"``).
         image_size: side length the test transform produces.
@@ -180,7 +180,8 @@ def _from_checkpoint(
     else:
         preset = _resolve_preset(train_data, f"training checkpoint {where}")
     arch = cfg.resolved_arch
-    enc_cfg = EncoderConfig(arch, cfg.low_dim, None if arch == "small" else preset != "imagenet")
+    resnet = arch.startswith("resnet")
+    enc_cfg = EncoderConfig(arch, cfg.low_dim, preset != "imagenet" if resnet else None)
     model = build_encoder(**enc_cfg.to_dict())
     try:
         model.load_state_dict(state.model, strict=True)

@@ -53,7 +53,8 @@ def test_defaults_mirror_the_reference():
     assert cfg.builtin and cfg.resolved_arch == "small" and cfg.resolved_epochs == 40
     assert (cfg.num_workers, cfg.num_shards) == (1, 1)  # one shard holds any bank one device fits
     other = parse_config(["--data", "/x", "--batch-size", "512"])
-    assert other.resolved_arch == "resnet18" and other.resolved_epochs == 200
+    assert other.resolved_arch == "small-wide" and other.resolved_epochs == 200  # on a CPU
+    assert parse_config(["--data", "/x", "--use-gpu"]).resolved_arch == "resnet18"
     assert (
         other.resolved_batch_size == 512
         and parse_config(["--data", "/x"]).resolved_batch_size == 256

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 OBJECTIVES = ("nce", "softmax", "sampled-softmax")
-ARCHS = ("auto", "small", "resnet18", "resnet50")
+ARCHS = ("auto", "small", "small-wide", "resnet18", "resnet50")
 SCHEDULES = ("step", "cosine")
 CACHE_MODES = ("auto", "memory", "device", "off")
 NCE_Z_MODES = ("fixed", "ema")
@@ -42,7 +42,8 @@ class TrainConfig:
     output: str = "runs/npid"
     """Output directory: metrics.jsonl, checkpoints, snapshots, the exported encoder."""
     arch: str = "auto"
-    """Encoder: small | resnet18 | resnet50 | auto (small for the built-in dataset)."""
+    """Encoder: small | small-wide | resnet18 | resnet50 | auto (small for the built-in
+    dataset; otherwise resnet18 with --use-gpu, small-wide on a CPU)."""
     low_dim: int = 128
     objective: str = "nce"
     nce_k: int = 4096
@@ -74,6 +75,10 @@ class TrainConfig:
     store_name: str | None = None
     """Attach to this running store instead of creating one."""
     store_dtype: str = "float32"
+    store_threads: int = 0
+    """torch threads of each store shard; 0 = auto: with a local Ray this run starts, the
+    machine's cores over the shards (a shard computes while the trainer waits for it),
+    else 1."""
     store_gpus_per_shard: float = 0.0
     """GPUs each store shard reserves with --use-gpu (0 = share: 0.5 / num_shards, so all
     shards fit on half of one GPU; 1 = one GPU per shard, for banks near a GPU's memory)."""
@@ -146,6 +151,7 @@ class TrainConfig:
             "store_gpus_per_shard",
             "data_cache_budget",
             "warmup_epochs",
+            "store_threads",
         ):
             positive(name, allow_zero=True)
         if not 0 <= self.nce_m <= 1:
@@ -193,10 +199,21 @@ class TrainConfig:
 
     @property
     def resolved_arch(self) -> str:
-        """The encoder actually built."""
+        """The encoder actually built (see :meth:`arch_choice`)."""
+        return self.arch_choice()[0]
+
+    def arch_choice(self) -> tuple[str, str]:
+        """``(arch, why)``: ``--arch auto`` picks by dataset and device."""
         if self.arch != "auto":
-            return self.arch
-        return "small" if self.builtin else "resnet18"
+            return self.arch, "--arch"
+        if self.builtin:
+            return "small", "the built-in dataset is 8x8 digits"
+        if self.use_gpu:
+            return "resnet18", "training on a GPU (the paper's encoder)"
+        return "small-wide", (
+            "training on a CPU: ResNet-18 takes days for the default epochs there, "
+            "small-wide about an hour on CIFAR-10 (pass --arch resnet18 to insist)"
+        )
 
     @property
     def resolved_epochs(self) -> int:
@@ -282,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--store-name", help="attach to a running store of this name")
     add("--store-dtype", choices=("float32", "bfloat16", "float16"))
     add("--store-gpus-per-shard", type=float, help="GPUs per store shard with --use-gpu")
+    add("--store-threads", type=int, help="torch threads per store shard (0 = auto)")
     add("--bank", choices=("store", "local"), help="feature store service or in-process")
     add("--launcher", choices=LAUNCHERS, help="ray (Ray Train) or local (this process, no Ray)")
     add("--resume", action="store_true", default=None)

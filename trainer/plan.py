@@ -197,6 +197,9 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
                 f"--resume: checkpoint {found} is from another config (" + "; ".join(diffs) + ")"
             )
         resume_from, resume_snapshot = str(found), state.store_snapshot
+    arch, why = cfg.arch_choice()
+    if cfg.arch == "auto":
+        logger.info("--arch auto: %s (%s)", arch, why)
     store_name = cfg.store_name or f"npid-{uuid.uuid4().hex[:8]}"
     return RunPlan(
         config=cfg.to_dict(),
@@ -206,7 +209,7 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
         num_classes=num_classes,
         preset=preset,
         image_size=cfg.image_size or DEFAULT_SIZE[preset],
-        arch=cfg.resolved_arch,
+        arch=arch,
         epochs=cfg.resolved_epochs,
         objective=objective.to_dict(),
         output=output,
