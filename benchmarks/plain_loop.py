@@ -53,6 +53,8 @@ class PlainRecipe:
     objective: str = "softmax"
     """softmax (exact) | nce | sampled-softmax"""
     nce_k: int = 4096
+    z_momentum: float | None = None
+    """NCE: None keeps Z from the first batch (the reference); m re-estimates it each step."""
     seed: int = 0
     preset: str = "cifar"
     knn_k: int = 200
@@ -91,9 +93,12 @@ def npid_loss(f, bank, idx, recipe: PlainRecipe, gen: torch.Generator, z: list) 
     if recipe.objective == "sampled-softmax":
         return F.cross_entropy(s, torch.zeros(f.shape[0], dtype=torch.long))
     p = torch.exp(s)
+    observed = float(p.mean().detach()) * n
     if not z:  # the reference: Z from the first batch, then fixed
-        z.append(float(p.mean().detach()) * n)
+        z.append(observed)
     p = p / z[0]
+    if recipe.z_momentum is not None:  # for the next step, as the trainer's --nce-z ema
+        z[0] = recipe.z_momentum * z[0] + (1 - recipe.z_momentum) * observed
     c = k / n
     eps = 1e-7
     lp = torch.log(p[:, 0] / (p[:, 0] + c + eps))
@@ -185,7 +190,7 @@ def run(train_dir: str, test_dir: str, recipe: PlainRecipe, out: Path | None = N
             with torch.no_grad():  # the momentum update, against the scored (old) rows
                 new = bank[idx] * recipe.bank_momentum + f.detach() * (1 - recipe.bank_momentum)
                 bank[idx] = F.normalize(new, dim=1)
-            total, count = total + float(loss) * len(idx), count + len(idx)
+            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
         test_f, test_y = encode(model, test_set, bs, nw)
         top1 = knn_top1(bank, train_y, test_f, test_y, recipe.knn_k, recipe.temperature, classes)
         record(
@@ -217,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", required=True, help="ImageFolder root of the test split")
     p.add_argument("--out", type=Path, help="append one JSON line per evaluation here")
     for name, value in asdict(PlainRecipe()).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        kind = float if value is None else type(value)
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     args = vars(p.parse_args(argv))
     train, test, out = args.pop("train"), args.pop("test"), args.pop("out")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

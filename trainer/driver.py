@@ -41,7 +41,18 @@ def connect() -> bool:
     return True
 
 
-def open_store(cfg: TrainConfig, plan: RunPlan):
+def store_threads(cfg: TrainConfig, local_ray: bool) -> int:
+    """Threads per shard: ``--store-threads``, or with a local Ray this run started the
+    machine's cores over the shards (the trainer's threads are idle while it waits for the
+    shards' statistics), else 1."""
+    if cfg.store_threads:
+        return cfg.store_threads
+    if not local_ray:
+        return 1
+    return max(1, (os.cpu_count() or 1) // cfg.num_shards)
+
+
+def open_store(cfg: TrainConfig, plan: RunPlan, local_ray: bool = False):
     """Create the run's store or attach to ``--store-name``; check it fits the data."""
     if cfg.resolved_bank == "local":
         return None
@@ -73,6 +84,7 @@ def open_store(cfg: TrainConfig, plan: RunPlan):
         num_gpus_per_shard=(cfg.store_gpus_per_shard or 0.5 / cfg.num_shards) if cfg.use_gpu else 0,
         dtype=cfg.store_dtype,
         snapshot_dir=str(Path(plan.output) / "snapshots"),
+        threads_per_shard=store_threads(cfg, local_ray),
     )
 
 
@@ -116,7 +128,7 @@ def run(cfg: TrainConfig, plan: RunPlan) -> None:
     started = connect()
     store = None
     try:
-        store = open_store(cfg, plan)
+        store = open_store(cfg, plan, local_ray=started)
         result = build_trainer(cfg, plan).fit()
         if result.error is not None:
             raise result.error

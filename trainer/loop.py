@@ -10,12 +10,14 @@ and nothing on that path imports Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,6 +218,23 @@ def train_batches(w: Worker):
     )
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads (None: unchanged). Batch augmentation is
+    many small elementwise ops: on a CPU one thread does them faster than two (20 vs 33 ms
+    for 256 CIFAR images, measured), and leaves the other core to a store shard computing
+    the step's statistics at the same time."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _all_finite(w: Worker, feats: torch.Tensor) -> bool:
     """Whether every rank's features are finite (one small all-reduce with several ranks)."""
     ok = torch.isfinite(feats).all().to(torch.float32).reshape(1).cpu()
@@ -250,7 +269,9 @@ def train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, f
         disable=w.rank != 0 or not w.cfg.progress,
     )
     batches = iter(bar)
-    batch = next(batches, None)
+    loading = 1 if w.device.type == "cpu" else None  # see _torch_threads
+    with _torch_threads(loading):
+        batch = next(batches, None)
     while batch is not None:
         x, ids, _labels = batch
         t0 = time.perf_counter()
@@ -265,7 +286,8 @@ def train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, f
                 step,
             )
         pending = w.bank.step_async(feats.detach().float(), ids, objective)
-        batch = next(batches, None)  # the bank scores and updates while the next batch loads
+        with _torch_threads(loading):
+            batch = next(batches, None)  # the bank scores and updates while the next loads
         out = pending.result()
         w.optimizer.zero_grad(set_to_none=True)
         feats.backward(out.grad.to(feats.device, feats.dtype))
