@@ -73,7 +73,9 @@ def test_any_split_merges_to_the_same_result(bounds, which, seed):
     torch.testing.assert_close(split[0], whole[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split[1], whole[1], rtol=1e-5, atol=1e-6)
     if whole[2] is not None:
-        assert split[2] == pytest.approx(whole[2], rel=1e-6)
+        # Scores are float32 (s up to 1/τ); exp turns their ~1e-6 absolute rounding,
+        # which depends on how a shard blocks its matmul, into ~1e-6 relative error.
+        assert split[2] == pytest.approx(whole[2], rel=1e-5)
 
 
 @settings(max_examples=20, deadline=None)
