@@ -186,6 +186,7 @@ class _Series:
     name: str
     points: list[tuple[float, float]]
     color: tuple[int, int, int]
+    joined: bool = True  # False: separate measurements (markers only, no line between)
 
 
 def _panel(
@@ -254,10 +255,11 @@ def _panel(
 
     for s in series:
         pts = [to_px(x, y) for x, y in sorted(s.points)]
-        if len(pts) > 1:
+        if len(pts) > 1 and s.joined:
             draw.line(pts, fill=s.color, width=3, joint="curve")
+        r = 3 if s.joined else 6
         for x, y in pts:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=s.color)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=s.color)
     named = [s for s in series if s.points]
     if len(named) > 1:  # legend, bottom right inside the plot (empty for rising curves)
         width = int(max(draw.textlength(s.name, font=font) for s in named)) + 30
@@ -265,7 +267,10 @@ def _panel(
         draw.rectangle([lx, ly, lx + width, ly + 18 * len(named) + 4], fill=WHITE, outline=grid)
         for i, s in enumerate(named):
             yy = ly + 4 + 18 * i
-            draw.line([lx + 5, yy + 7, lx + 20, yy + 7], fill=s.color, width=2)
+            if s.joined:
+                draw.line([lx + 5, yy + 7, lx + 20, yy + 7], fill=s.color, width=2)
+            else:
+                draw.ellipse([lx + 8, yy + 3, lx + 16, yy + 11], fill=s.color)
             draw.text((lx + 25, yy), s.name, fill=BLACK, font=font)
 
 
@@ -318,8 +323,15 @@ def training_curves(
         [_Series("loss", loss, SERIES_COLORS["loss"])],
         percent=False,
     )
+    # Recomputed features are measured at a few epochs only (before the first step and at
+    # the end): markers, not a line that would invent the epochs between.
     series = [
-        _Series(f"{name} features", points, SERIES_COLORS.get(name, SERIES_COLORS["other"]))
+        _Series(
+            f"{name} features",
+            points,
+            SERIES_COLORS.get(name, SERIES_COLORS["other"]),
+            joined=name != "recomputed",
+        )
         for name, points in sorted(top1.items())
     ]
     _panel(canvas, (half, 0, width, height), "kNN top-1", "top-1 accuracy", series, percent=True)

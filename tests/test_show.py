@@ -132,6 +132,14 @@ def test_curves_png(tmp_path: Path, capsys) -> None:
     assert (31, 119, 180) in colors and (255, 127, 14) in colors  # both series drawn
 
 
+def test_recomputed_features_are_markers_not_a_line() -> None:
+    # Recomputed at epochs 0 and 5 only: two markers and a legend dot (about 280 pixels);
+    # a line between them across the panel would add more than 1,000.
+    pixels = np.asarray(training_curves(_records())).reshape(-1, 3)
+    orange = int((pixels == (255, 127, 14)).all(axis=1).sum())
+    assert 0 < orange < 500, orange
+
+
 def test_curves_sizes_and_sparse_records() -> None:
     image = training_curves([{"epoch": 0, "loss": None, "knn_top1": 0.1}], 600, 300)
     assert image.size == (600, 300)  # loss panel says "no data"
