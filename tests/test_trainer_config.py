@@ -20,7 +20,7 @@ from trainer.config import ConfigError, TrainConfig, parse_config
 from trainer.loop import learning_rate
 from trainer.make_shards import make_shards
 from trainer.metrics import append_jsonl, read_jsonl, truncate_jsonl_after
-from trainer.plan import make_plan, resolve_objective
+from trainer.plan import SOFTMAX_AUTO_MAX_ROWS, make_plan, resolve_objective
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,15 +96,31 @@ def test_unknown_yaml_key(tmp_path):
 
 def test_objective_resolution():
     cfg = parse_config([])
-    assert isinstance(resolve_objective(cfg, 1437), Softmax)  # built-in, default K >= N
-    assert resolve_objective(parse_config(["--nce-k", "100"]), 1437) == NCE(num_negatives=100)
+    assert isinstance(resolve_objective(cfg, 1437), Softmax)  # built-in: auto, N small
+    ema = NCE(num_negatives=100, z_momentum=0.99)
+    assert resolve_objective(parse_config(["--nce-k", "100"]), 1437) == ema
+    fixed = parse_config(["--nce-k", "100", "--nce-z", "fixed"])
+    assert resolve_objective(fixed, 1437) == NCE(num_negatives=100)
     assert isinstance(resolve_objective(parse_config(["--nce-k", "0"]), 10**6), Softmax)
     sampled = resolve_objective(parse_config(["--objective", "sampled-softmax"]), 10**6)
     assert sampled == SampledSoftmax(num_negatives=4096)
     with pytest.raises(ConfigError, match="smaller than the 1437"):
         resolve_objective(parse_config(["--nce-k", "5000"]), 1437)
     with pytest.raises(ConfigError, match="smaller than"):
-        resolve_objective(parse_config(["--data", "/x"]), 1000)
+        resolve_objective(parse_config(["--data", "/x", "--objective", "nce"]), 1000)
+    # The built-in dataset keeps its fallback for an explicit NCE with the default K.
+    assert isinstance(resolve_objective(parse_config(["--objective", "nce"]), 1437), Softmax)
+
+
+def test_objective_auto_is_the_exact_softmax_up_to_a_size_then_sampled():
+    auto = parse_config(["--data", "/x"])
+    assert isinstance(resolve_objective(auto, 50_000), Softmax)
+    assert isinstance(resolve_objective(auto, SOFTMAX_AUTO_MAX_ROWS), Softmax)
+    above = resolve_objective(auto, SOFTMAX_AUTO_MAX_ROWS + 1)
+    assert above == SampledSoftmax(num_negatives=4096)
+    assert resolve_objective(parse_config(["--data", "/x", "--objective", "nce"]), 50_000) == NCE(
+        num_negatives=4096, z_momentum=0.99
+    )
 
 
 def test_learning_rate_schedules():
@@ -133,6 +149,16 @@ def test_plan_resolves_data(tiny_shards, tmp_path):
     plan = make_plan(cfg)
     assert (plan.num_rows, plan.num_classes, plan.preset) == (60, 3, "cifar")
     assert plan.objective["kind"] == "nce" and plan.create_store
+
+
+def test_augment_preset_follows_the_data_unless_chosen(tiny_shards, tmp_path):
+    base = ["--data", str(tiny_shards["train"]), "--output", str(tmp_path)]
+    assert make_plan(parse_config(base)).preset == "cifar"  # 16-px images
+    assert make_plan(parse_config([*base, "--augment", "digits"])).preset == "digits"
+    file = tmp_path / "c.yaml"
+    file.write_text("augment: mnist\n")
+    with pytest.raises(ConfigError, match="--augment must be one of auto, digits"):
+        parse_config(["--config", str(file)])
 
 
 def test_plan_rejects_bad_data(tmp_path):

@@ -28,6 +28,12 @@ logger = logging.getLogger(__name__)
 
 #: The reference default K, replaced by the exact softmax on datasets smaller than it.
 DEFAULT_K = TrainConfig.nce_k
+#: ``--objective auto`` uses the exact softmax up to this many instances, the sampled
+#: softmax (K noise rows) above. The exact softmax scores all N rows every step (0.044 s
+#: for B = 256 at N = 50,000 on 2 CPU cores, 1.4 s at 1.28M; K = 4096 samples cost 0.09 s
+#: whatever N). On CIFAR-10 (10 epochs, README "Which objective") the exact softmax
+#: learned most, the sampled softmax nearly as much, NCE less, NCE with a fixed Z diverged.
+SOFTMAX_AUTO_MAX_ROWS = 200_000
 
 
 @dataclass
@@ -110,8 +116,27 @@ def resolve_objective(cfg: TrainConfig, num_rows: int) -> Objective:
     """The objective for ``num_rows`` instances; raises :class:`ConfigError` on K >= N."""
     kind = cfg.objective_kind
     common = {"temperature": cfg.nce_t, "prox_lambda": cfg.prox_lambda}
+    if kind == "auto":
+        if cfg.nce_k != DEFAULT_K:
+            kind = "nce"  # --nce-k K asks for the paper's NCE with K noise samples
+        elif num_rows <= SOFTMAX_AUTO_MAX_ROWS:
+            logger.info(
+                "objective auto: the exact softmax over all %d instances (NCE above %d; "
+                "pass --objective nce to insist)",
+                num_rows,
+                SOFTMAX_AUTO_MAX_ROWS,
+            )
+            kind = "softmax"
+        else:
+            logger.info(
+                "objective auto: the sampled softmax with K=%d (the exact softmax up to %d "
+                "instances; pass --objective nce for the paper's NCE)",
+                cfg.nce_k,
+                SOFTMAX_AUTO_MAX_ROWS,
+            )
+            kind = "sampled-softmax"
     if kind != "softmax" and cfg.nce_k >= num_rows:
-        if cfg.builtin and cfg.nce_k == DEFAULT_K:
+        if cfg.builtin and cfg.nce_k == DEFAULT_K:  # only with an explicit --objective
             logger.info(
                 "K=%d noise samples is not smaller than the %d training images: using the "
                 "exact softmax (pass --nce-k to choose)",
@@ -178,7 +203,7 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
     if val_data is not None:
         val_index = _load_index(val_data, "--val-data")
         num_classes = max(num_classes, len(val_index.classes), int(val_index.labels.max()) + 1)
-    preset = dataset_preset(train_index)
+    preset = dataset_preset(train_index) if cfg.augment == "auto" else cfg.augment
     objective = resolve_objective(cfg, train_index.num_instances)
     output = os.path.abspath(cfg.output)
     resume_from = resume_snapshot = None
