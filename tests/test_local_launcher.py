@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from generated_images import colour_class_folder
 
 from trainer.checkpoints import latest_checkpoint, load_checkpoint
 from trainer.make_shards import make_shards
@@ -26,21 +27,10 @@ NO_RAY = (
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """96 train and 32 test 16×16 images of 4 colour classes."""
-    import numpy as np
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("local")
     out = {}
     for split, n, seed in (("train", 96, 0), ("test", 32, 1)):
-        src = root / f"src-{split}"
-        rng = np.random.default_rng(seed)
-        for i in range(n):
-            label = i % 4
-            base = np.zeros((16, 16, 3), dtype=np.uint8)
-            base[..., label % 3] = 60 * (label + 1)
-            pixels = np.clip(base + rng.integers(0, 60, (16, 16, 3)), 0, 255).astype(np.uint8)
-            (src / f"c{label}").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(src / f"c{label}" / f"{i:03d}.png")
+        src = colour_class_folder(root / f"src-{split}", n, seed)
         make_shards(src, root / split, shard_size=40, progress=False)
         out[split] = root / split
     return out

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 import yaml
+from generated_images import colour_class_folder
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
@@ -141,22 +142,11 @@ def _training_under_way(base: str) -> bool:
 
 def _make_shards(root: Path) -> dict[str, Path]:
     """64 train / 24 test images (16×16 RGB, 4 classes), 2 webdataset shards for training."""
-    import numpy as np
-    from PIL import Image
-
     from trainer.make_shards import make_shards
 
     out = {}
     for split, n, seed in (("train", NUM_TRAIN, 0), ("test", 24, 1)):
-        src = root / f"src-{split}"
-        rng = np.random.default_rng(seed)
-        for i in range(n):
-            label = i % 4
-            base = np.zeros((16, 16, 3), dtype=np.uint8)
-            base[..., label % 3] = 60 * (label + 1)
-            pixels = np.clip(base + rng.integers(0, 60, (16, 16, 3)), 0, 255).astype(np.uint8)
-            (src / f"c{label}").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(src / f"c{label}" / f"{i:03d}.png")
+        src = colour_class_folder(root / f"src-{split}", n, seed)
         make_shards(src, root / split, shard_size=NUM_TRAIN // 2, progress=False)
         out[split] = root / split
     return out

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from generated_images import colour_class_folder
 
 from trainer.checkpoints import latest_checkpoint
 from trainer.make_shards import make_shards
@@ -30,21 +31,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """64 train (one corrupt) and 24 test images (16×16 RGB, 4 classes), 3 uneven shards."""
-    import numpy as np
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("e2e")
     out = {}
     for split, n, seed in (("train", 64, 0), ("test", 24, 1)):
-        src = root / f"src-{split}"
-        rng = np.random.default_rng(seed)
-        for i in range(n):
-            label = i % 4
-            base = np.zeros((16, 16, 3), dtype=np.uint8)
-            base[..., label % 3] = 60 * (label + 1)  # a class colour, plus noise
-            pixels = np.clip(base + rng.integers(0, 60, (16, 16, 3)), 0, 255).astype(np.uint8)
-            (src / f"c{label}").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(src / f"c{label}" / f"{i:03d}.png")
+        src = colour_class_folder(root / f"src-{split}", n, seed)
         make_shards(src, root / split, shard_size=25, progress=False)
         out[split] = root / split
     _corrupt_one_image(root / "train" / "shard-000000.tar")

@@ -1,0 +1,22 @@
+"""Generated image folders for tests: small images whose class a convnet can learn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def colour_class_folder(src: Path, n: int, seed: int, classes: int = 4, side: int = 16) -> Path:
+    """Write ``n`` RGB PNGs ``side×side`` as an ImageFolder under ``src``: image ``i`` has
+    label ``i % classes`` (folder ``c<label>``), a class colour plus uniform noise."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        label = i % classes
+        base = np.zeros((side, side, 3), dtype=np.uint8)
+        base[..., label % 3] = 60 * (label + 1)
+        pixels = np.clip(base + rng.integers(0, 60, (side, side, 3)), 0, 255).astype(np.uint8)
+        (src / f"c{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(src / f"c{label}" / f"{i:03d}.png")
+    return src
