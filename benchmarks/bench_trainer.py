@@ -34,6 +34,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     """The flags both trainer benchmarks pass on to ``trainer.run``."""
     parser.add_argument("--data")
     parser.add_argument("--arch", default="small")
+    parser.add_argument("--objective", help="as trainer.run's (default auto)")
     parser.add_argument("--nce-k", type=int)
     parser.add_argument("--batch-size", type=int)
 
@@ -41,6 +42,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 def data_flags(args: argparse.Namespace) -> list[str]:
     """``trainer.run`` flags for the optional ones of :func:`add_data_args`."""
     flags = ["--data", args.data] if args.data else []
+    if args.objective:
+        flags += ["--objective", args.objective]
     if args.nce_k is not None:
         flags += ["--nce-k", str(args.nce_k)]
     if args.batch_size:

@@ -18,7 +18,7 @@ from typing import Any
 
 from featurestore.objectives import NCE, Objective, SampledSoftmax, Softmax
 from trainer.checkpoints import latest_checkpoint, load_checkpoint, load_checkpoint_meta
-from trainer.config import RESUME_KEYS, ConfigError, TrainConfig
+from trainer.config import RESUME_KEYS, SOFTMAX_AUTO_MAX_ROWS, ConfigError, TrainConfig
 from trainer.data import ShardIndex
 from trainer.data_cache import decoded_bytes
 from trainer.make_shards import ensure_builtin_dataset
@@ -28,12 +28,6 @@ logger = logging.getLogger(__name__)
 
 #: The reference default K, replaced by the exact softmax on datasets smaller than it.
 DEFAULT_K = TrainConfig.nce_k
-#: ``--objective auto`` uses the exact softmax up to this many instances, the sampled
-#: softmax (K noise rows) above. The exact softmax scores all N rows every step (0.044 s
-#: for B = 256 at N = 50,000 on 2 CPU cores, 1.4 s at 1.28M; K = 4096 samples cost 0.09 s
-#: whatever N). On CIFAR-10 (10 epochs, README "Which objective") the exact softmax
-#: learned most, the sampled softmax nearly as much, NCE less, NCE with a fixed Z diverged.
-SOFTMAX_AUTO_MAX_ROWS = 200_000
 
 
 @dataclass
