@@ -179,9 +179,7 @@ def _from_checkpoint(
         preset = "digits"
     else:
         preset = _resolve_preset(train_data, f"training checkpoint {where}")
-    arch = cfg.resolved_arch
-    resnet = arch.startswith("resnet")
-    enc_cfg = EncoderConfig(arch, cfg.low_dim, preset != "imagenet" if resnet else None)
+    enc_cfg = EncoderConfig.for_preset(cfg.resolved_arch, cfg.low_dim, preset)
     model = build_encoder(**enc_cfg.to_dict())
     try:
         model.load_state_dict(state.model, strict=True)
@@ -192,7 +190,7 @@ def _from_checkpoint(
         ) from None
     return Encoder(
         model=model.to(device).eval(),
-        arch=arch,
+        arch=enc_cfg.arch,
         dim=cfg.low_dim,
         preset=preset,
         image_size=cfg.image_size or DEFAULT_SIZE[preset],

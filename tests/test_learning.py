@@ -50,14 +50,16 @@ def raw_pixel_knn(train: Path, val: Path, preset: str, sigma: float, k: int = 20
     return float(knn_evaluate(a, ya, b, yb, num_classes=classes, k=k, temperature=sigma)["top1"])
 
 
-def _train(args: list[str]) -> tuple[float, float, float]:
-    """Run the trainer; top-1 of ``(epoch 0 recomputed, last epoch's bank, final recomputed)``."""
-    assert main(["--launcher", "local", "--no-progress", *args]) == 0
-    output = Path(args[args.index("--output") + 1])
+def _learning(shards: dict[str, Path], run: list[str], preset: str, output: Path):
+    """Train on ``shards`` with ``run`` flags (the local launcher); top-1 of ``(epoch 0
+    recomputed, last epoch's bank, final recomputed, raw pixels with σ 0.07)``."""
+    data = ["--data", str(shards["train"]), "--val-data", str(shards["test"])]
+    assert main(["--launcher", "local", "--no-progress", "--output", str(output), *data, *run]) == 0
     records = read_jsonl(output / "metrics.jsonl")
     recomputed = [r["knn_top1"] for r in records if r.get("features") == "recomputed"]
     bank = [r["knn_top1"] for r in records if r.get("features") == "bank"]
-    return recomputed[0], bank[-1], recomputed[-1]
+    pixels = raw_pixel_knn(shards["train"], shards["test"], preset, 0.07)
+    return recomputed[0], bank[-1], recomputed[-1], pixels
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +109,7 @@ FAST_BANK_BEHIND_RECOMPUTED = 0.07
 
 
 def test_a_short_run_learns_features_better_than_its_start_and_its_input(shifted_digits, tmp_path):
-    start, bank, end = _train(
-        ["--data", str(shifted_digits["train"]), "--val-data", str(shifted_digits["test"]),
-         "--output", str(tmp_path / "run"), *FAST_RUN]
-    )  # fmt: skip
-    pixels = raw_pixel_knn(shifted_digits["train"], shifted_digits["test"], "digits", 0.07)
+    start, bank, end, pixels = _learning(shifted_digits, FAST_RUN, "digits", tmp_path / "run")
     assert end >= start + FAST_MARGIN_OVER_EPOCH_0, (start, bank, end, pixels)
     assert end >= pixels + FAST_MARGIN_OVER_PIXELS, (start, bank, end, pixels)
     assert bank >= end - FAST_BANK_BEHIND_RECOMPUTED, (start, bank, end, pixels)
@@ -159,11 +157,7 @@ CIFAR_BANK_BEHIND_RECOMPUTED = 0.08
 @pytest.mark.cifar
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.io.image")
 def test_cifar_subset_learns_features_better_than_its_start_and_its_input(cifar_subset, tmp_path):
-    start, bank, end = _train(
-        ["--data", str(cifar_subset["train"]), "--val-data", str(cifar_subset["test"]),
-         "--output", str(tmp_path / "run"), *CIFAR_RUN]
-    )  # fmt: skip
-    pixels = raw_pixel_knn(cifar_subset["train"], cifar_subset["test"], "cifar", 0.07)
+    start, bank, end, pixels = _learning(cifar_subset, CIFAR_RUN, "cifar", tmp_path / "run")
     assert end >= start + CIFAR_MARGIN_OVER_EPOCH_0, (start, bank, end, pixels)
     assert end >= pixels + CIFAR_MARGIN_OVER_PIXELS, (start, bank, end, pixels)
     assert bank >= end - CIFAR_BANK_BEHIND_RECOMPUTED, (start, bank, end, pixels)

@@ -196,6 +196,15 @@ def test_config_resolves_and_round_trips():
     assert EncoderConfig.from_dict({"arch": "small"}) == EncoderConfig("small", 128, False)
 
 
+def test_config_for_preset_gives_resnets_the_cifar_stem_below_imagenet_size():
+    assert EncoderConfig.for_preset("resnet18", 128, "cifar").cifar_stem is True
+    assert EncoderConfig.for_preset("resnet50", 64, "digits").cifar_stem is True
+    assert EncoderConfig.for_preset("resnet18", 128, "imagenet").cifar_stem is False
+    for arch in CONVNET_WIDTHS:
+        for preset in ("cifar", "imagenet"):
+            assert EncoderConfig.for_preset(arch, 32, preset) == EncoderConfig(arch, 32, False)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     arch=st.sampled_from(ARCHS),

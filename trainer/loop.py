@@ -132,11 +132,7 @@ def setup(loop_config: dict, runtime: Runtime) -> Worker:
     plan = RunPlan.from_dict(loop_config["plan"])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // runtime.world))
     torch.manual_seed(cfg.seed)
-    model = build_encoder(
-        plan.arch,
-        cfg.low_dim,
-        cifar_stem=plan.preset != "imagenet" if plan.arch.startswith("resnet") else None,
-    )
+    model = build_encoder(**EncoderConfig.for_preset(plan.arch, cfg.low_dim, plan.preset).to_dict())
     # channels_last: oneDNN's and cuDNN's fast convolution layout (1.4x for the small
     # encoder on a 2-core CPU, measured).
     model = runtime.prepare_model(model.to(memory_format=torch.channels_last))
@@ -397,11 +393,7 @@ def _train(w: Worker) -> None:
         _record(w, _final_record(w, epochs, step, evaluate_knn(w, recompute=True)))
     export_encoder(
         w.encoder.cpu(),
-        EncoderConfig(
-            w.plan.arch,
-            w.cfg.low_dim,
-            None if not w.plan.arch.startswith("resnet") else w.plan.preset != "imagenet",
-        ),
+        EncoderConfig.for_preset(w.plan.arch, w.cfg.low_dim, w.plan.preset),
         Path(w.plan.output) / "encoder",
         metadata={"preset": w.plan.preset, "image_size": w.plan.image_size},
     )

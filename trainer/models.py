@@ -102,6 +102,13 @@ class EncoderConfig:
         if self.cifar_stem is None:
             object.__setattr__(self, "cifar_stem", False)
 
+    @classmethod
+    def for_preset(cls, arch: str, low_dim: int, preset: str) -> EncoderConfig:
+        """The encoder a run builds for data of augmentation ``preset``: a resnet takes the
+        CIFAR stem (3x3 conv, no max-pool) unless the images are ImageNet-sized."""
+        stem = preset != "imagenet" if arch.startswith("resnet") else None
+        return cls(arch, low_dim, stem)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the (resolved) fields."""
         return dataclasses.asdict(self)

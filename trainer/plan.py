@@ -115,8 +115,8 @@ def resolve_objective(cfg: TrainConfig, num_rows: int) -> Objective:
             kind = "nce"  # --nce-k K asks for the paper's NCE with K noise samples
         elif num_rows <= SOFTMAX_AUTO_MAX_ROWS:
             logger.info(
-                "objective auto: the exact softmax over all %d instances (NCE above %d; "
-                "pass --objective nce to insist)",
+                "objective auto: the exact softmax over all %d instances (the sampled "
+                "softmax above %d; pass --objective nce for the paper's NCE)",
                 num_rows,
                 SOFTMAX_AUTO_MAX_ROWS,
             )
