@@ -24,6 +24,7 @@ CACHE_MODES = ("auto", "memory", "device", "off")
 NCE_Z_MODES = ("fixed", "ema")
 LAUNCHERS = ("ray", "local")
 AUGMENTS = ("auto", "digits", "cifar", "imagenet")
+PRECISIONS = ("auto", "bf16", "fp32")
 BUILTIN = "digits"
 #: ``--objective auto`` uses the exact softmax up to this many instances, the sampled
 #: softmax (K noise rows) above. The exact softmax scores all N rows every step (0.044 s
@@ -84,6 +85,12 @@ class TrainConfig:
     """Store shards. One holds any bank that fits one device and costs the least per step
     (each shard is one more call per step); add shards when the bank outgrows a device."""
     use_gpu: bool = False
+    precision: str = "auto"
+    """The encoder's forward pass: bf16 (autocast; the bank's math stays float32), fp32, or
+    auto (bf16 with --use-gpu, fp32 on a CPU, where bf16 convolutions are slower)."""
+    compile: bool = False
+    """Compile the encoder's training forward with torch.compile (the first steps wait for
+    the compiler; evaluation runs the uncompiled module)."""
     store_name: str | None = None
     """Attach to this running store instead of creating one."""
     store_dtype: str = "float32"
@@ -194,6 +201,10 @@ class TrainConfig:
             raise ConfigError(
                 f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"
             )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         if self.nce_z not in NCE_Z_MODES:
             raise ConfigError(f"--nce-z must be fixed or ema, got {self.nce_z!r}")
         if not 0 <= self.nce_z_momentum < 1:
@@ -248,6 +259,11 @@ class TrainConfig:
         if self.batch_size:
             return self.batch_size
         return 128 if self.builtin else 256
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the encoder runs under bf16 autocast (see ``precision``)."""
+        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
 
     @property
     def resolved_bank(self) -> str:
@@ -326,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num-workers", type=int, help="Ray Train workers (DDP)")
     add("--num-shards", type=int, help="feature store shards (default 1)")
     add("--use-gpu", action="store_true", default=None)
+    add("--precision", choices=PRECISIONS, help="encoder forward: auto = bf16 on GPU, fp32 on CPU")
+    add("--compile", action="store_true", default=None, help="torch.compile the encoder")
     add("--store-name", help="attach to a running store of this name")
     add("--store-dtype", choices=("float32", "bfloat16", "float16"))
     add("--store-gpus-per-shard", type=float, help="GPUs per store shard with --use-gpu")

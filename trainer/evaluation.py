@@ -58,6 +58,8 @@ class EvalSetup:
     num_classes: int
     k: int
     temperature: float
+    autocast: bool = False
+    """Encode under bf16 autocast (features are normalised in float32)."""
 
 
 def encode_split(model: nn.Module, split: Split, setup: EvalSetup) -> tuple[Tensor, Tensor]:
@@ -70,7 +72,7 @@ def encode_split(model: nn.Module, split: Split, setup: EvalSetup) -> tuple[Tens
         test_tf = build_transform(setup.preset, train=False, image_size=setup.image_size)
         loader = eval_loader(split.index, EVAL_BATCH, test_tf)
     n = split.index.num_instances
-    return extract_features(model, loader, n, setup.dim, setup.device)
+    return extract_features(model, loader, n, setup.dim, setup.device, setup.autocast)
 
 
 def evaluate(
@@ -99,9 +101,15 @@ def evaluate(
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, batches: Iterable, num_rows: int, dim: int, device: torch.device
+    model: nn.Module,
+    batches: Iterable,
+    num_rows: int,
+    dim: int,
+    device: torch.device,
+    autocast: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Encode every sample of ``batches`` (``(images, ids, labels)``), placed by id.
+    """Encode every sample of ``batches`` (``(images, ids, labels)``), placed by id, in
+    channels_last (the layout the trainer uses) and under bf16 autocast when asked.
 
     Returns:
         ``(features [num_rows, d] float32 on CPU, seen [num_rows] bool)``.
@@ -112,7 +120,9 @@ def extract_features(
     seen = torch.zeros(num_rows, dtype=torch.bool)
     try:
         for images, ids, _labels in batches:
-            out = model(images.to(device, non_blocking=True)).float()
+            x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = model(x).float()
             feats[ids] = F.normalize(out, dim=1).cpu()
             seen[ids] = True
     finally:

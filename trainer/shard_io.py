@@ -19,7 +19,6 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import fsspec
-import webdataset as wds
 
 # --------------------------------------------------------------------------- locations
 
@@ -28,10 +27,18 @@ def _is_local(location: str) -> bool:
     return len(urlparse(location).scheme) <= 1  # "" or a Windows drive letter
 
 
+def _webdataset():
+    """webdataset, imported on first use: local files need only fsspec and the stdlib, so the
+    local launcher runs where webdataset is not installed (the GPU machine)."""
+    import webdataset
+
+    return webdataset
+
+
 def open_url(url: str) -> BinaryIO:
     """Open a local path, ``file://``, ``pipe:`` or fsspec/webdataset URL for binary reading."""
     if url.startswith("pipe:"):
-        return wds.gopen(url, "rb")
+        return _webdataset().gopen(url, "rb")
     if _is_local(url):
         return open(url, "rb", buffering=1 << 20)
     parsed = urlparse(url)
@@ -40,6 +47,7 @@ def open_url(url: str) -> BinaryIO:
     try:
         return fsspec.open(url, "rb").open()
     except ImportError as exc:  # fsspec lacks the protocol's package (s3fs, gcsfs, ...)
+        wds = _webdataset()
         if parsed.scheme in wds.gopen_schemes:
             return wds.gopen(url, "rb")
         raise ValueError(f"cannot open {url}: {exc}") from None
