@@ -1,9 +1,16 @@
-"""Images/s of the webdataset pipeline (trainer.data) vs torchvision ImageFolder + DataLoader.
+"""Images/s of the training loaders on the same CIFAR-10 JPEGs, side by side in one run:
 
-Both read the same CIFAR-10 JPEGs with the same CIFAR train augmentation
-(``build_transform("cifar", train=True)``), batch size and worker count; one epoch over the
-subset is one measurement, worker start-up included, and the two pipelines alternate. Also
-checks that our decoder gives the same pixels as PIL on every image of the subset.
+- ``ImageFolder+DataLoader``: torchvision, PIL augmentation (the baseline of the streaming
+  path);
+- ``trainer.data (webdataset)``: the streaming shard loader, PIL augmentation;
+- ``cached (decoded, batched)``: :class:`trainer.cached_loader.CachedLoader` over the
+  decoded uint8 pixels with the batched CIFAR augmentation (``--data-cache memory``), one
+  torch thread as in the training loop; decoding once into the cache is timed apart.
+
+The two PIL pipelines use ``build_transform("cifar", train=True)``, the same batch size and
+worker count; one epoch over the subset is one measurement, worker start-up included, and
+the pipelines alternate. Also checks that our decoder gives the same pixels as PIL on every
+image of the subset.
 
     python benchmarks/bench_loader.py                      # 5000 images, 5 repeats
     python benchmarks/bench_loader.py --num-images 1000 --repeats 2   # smoke run
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
+import tempfile
 import statistics
 import sys
 import tarfile
@@ -32,7 +40,10 @@ from torchvision.datasets import ImageFolder
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer.data import decode_image, train_loader  # noqa: E402
+from trainer.augment import build_batch_transform  # noqa: E402
+from trainer.cached_loader import CachedLoader  # noqa: E402
+from trainer.data import ShardIndex, decode_image, train_loader  # noqa: E402
+from trainer.data_cache import load_decoded  # noqa: E402
 from trainer.make_shards import make_shards  # noqa: E402
 from trainer.transforms import build_transform  # noqa: E402
 
@@ -102,13 +113,22 @@ def main() -> None:
         num_workers=args.workers,
     )
     ours = train_loader(shards, args.batch_size, transform, num_workers=args.workers, seed=0)
-    times: dict[str, list[float]] = {"ImageFolder+DataLoader": [], "trainer.data (webdataset)": []}
+    with tempfile.TemporaryDirectory() as cache:  # a cold cache: the one-time decode, timed
+        start = time.perf_counter()
+        decoded = load_decoded(ShardIndex.load(shards), root=cache, workers=args.workers)
+        decode_seconds = time.perf_counter() - start
+    batched = build_batch_transform("cifar", train=True, image_size=32)
+    cached = CachedLoader(decoded, args.batch_size, batched, train=True, seed=0)
+    loaders = {
+        "ImageFolder+DataLoader": baseline,
+        "trainer.data (webdataset)": ours,
+        "cached (decoded, batched)": cached,
+    }
+    times: dict[str, list[float]] = {name: [] for name in loaders}
     for rep in range(args.repeats):
         ours.set_epoch(rep)
-        for name, loader in (
-            ("ImageFolder+DataLoader", baseline),
-            ("trainer.data (webdataset)", ours),
-        ):
+        cached.set_epoch(rep)
+        for name, loader in loaders.items():
             seconds, n = _epoch(loader)
             times[name].append(n / seconds)
     same, total = _check_pixels(subset)
@@ -119,8 +139,12 @@ def main() -> None:
     print(f"{'pipeline':28s} {'median img/s':>12s} {'min':>8s} {'max':>8s}")
     for name, rates in times.items():
         print(f"{name:28s} {statistics.median(rates):12.0f} {min(rates):8.0f} {max(rates):8.0f}")
-    base, mine = (statistics.median(r) for r in times.values())
-    print(f"ratio (ours / ImageFolder): {mine / base:.2f}x")
+    base, mine, held = (statistics.median(r) for r in times.values())
+    print(f"ratio (webdataset / ImageFolder): {mine / base:.2f}x")
+    print(f"ratio (cached / webdataset): {held / mine:.2f}x")
+    print(
+        f"decoding once into the cache: {decode_seconds:.1f} s ({total / decode_seconds:.0f} img/s)"
+    )
     print(f"decoded pixels identical to PIL: {same}/{total}")
 
 
