@@ -79,7 +79,9 @@ def main() -> None:
     ratio = statistics.median(speed["cached"]) / statistics.median(speed["streaming"])
     paired = statistics.median(c / s for c, s in zip(speed["cached"], speed["streaming"]))
     walls = statistics.median(s / c for c, s in zip(wall["cached"], wall["streaming"]))
-    print(f"images/s ratio (cached / streaming): {ratio:.2f}x, paired {paired:.2f}x (target >= 1.3x)")
+    print(
+        f"images/s ratio (cached / streaming): {ratio:.2f}x, paired {paired:.2f}x (target >= 1.3x)"
+    )
     print(f"wall-time speed-up (streaming / cached), paired: {walls:.2f}x")
 
 

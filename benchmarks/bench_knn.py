@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from knn_service import KnnIndex, knn_evaluate, knn_predict
+from featurestore.knn import KnnIndex, knn_evaluate, knn_predict
 
 
 def reference_knn(

@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
-import tempfile
 import statistics
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 

@@ -6,7 +6,7 @@ Each check runs on ``--device`` and compares with the same computation on the CP
   the sampled softmax and NCE on the device against the CPU (loss, gradient, rows, Z);
 - ``shard-statistics``: one :class:`~featurestore.bank_shard.BankShard` (rows ``[lo, hi)``
   of a bank) computing a step's partial statistics on the device against the CPU;
-- ``knn-torch``: the torch exact search (:class:`~knn_service.index.KnnIndex`,
+- ``knn-torch``: the torch exact search (:class:`~featurestore.knn.index.KnnIndex`,
   ``backend="torch"``) on the device against the CPU index (FAISS when installed): the
   200-NN ids and similarities;
 - ``train-steps``: ResNet-18 (CIFAR stem) training steps on the device in channels_last,
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from featurestore import NCE, MemoryBank, SampledSoftmax, Softmax  # noqa: E402
 from featurestore.bank_shard import BankShard, initial_rows  # noqa: E402
-from knn_service.index import KnnIndex  # noqa: E402
+from featurestore.knn.index import KnnIndex  # noqa: E402
 from trainer.models import EncoderConfig, build_encoder  # noqa: E402
 
 logger = logging.getLogger("device_smoke")

@@ -1,7 +1,6 @@
-"""kNN evaluation: weighted k-nearest-neighbour vote over a FAISS / torch index of the bank."""
+"""The serving layer: the kNN HTTP service (``serve``), offline evaluation (``eval``) and
+pictures (``show``) over a trained encoder and its bank.
 
-from knn_service.evaluate import knn_evaluate, knn_predict
-from knn_service.index import KnnIndex
-from knn_service.vote import weighted_knn_vote
-
-__all__ = ["KnnIndex", "knn_evaluate", "knn_predict", "weighted_knn_vote"]
+The kNN kernel itself (index, vote, evaluation) is :mod:`featurestore.knn`; this package
+reaches the trainer only through :mod:`trainer.api`.
+"""

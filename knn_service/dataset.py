@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from trainer.data import IMAGE_FIELDS, ShardIndex, load_index, open_url
-from trainer.shard_index import read_index_table
+from trainer.api import IMAGE_FIELDS, ShardIndex, load_index, open_url, read_index_table
 
 __all__ = ["TrainLabels", "read_image_bytes"]
 
@@ -68,8 +67,7 @@ class TrainLabels:
         keys = _strings(table["key"], order)
         sources = _strings(table["source"], order) if "source" in table.column_names else None
         labels = index.labels.astype(np.int64, copy=False)
-        num_classes = max(len(index.classes), int(labels.max()) + 1, 1)
-        return cls(index, labels, keys, sources, num_classes)
+        return cls(index, labels, keys, sources, index.num_classes)
 
 
 def _strings(column: pa.ChunkedArray, order: np.ndarray) -> list[str]:

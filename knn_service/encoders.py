@@ -29,18 +29,22 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from trainer import checkpoints
-from trainer.config import TrainConfig
-from trainer.data import ShardIndex, load_index
-from trainer.models import (
+from trainer.api import (
     CONFIG_FILE,
+    DEFAULT_SIZE,
+    PRESETS,
+    STATE_FILE,
     EncoderConfig,
+    ShardIndex,
+    TrainConfig,
     build_encoder,
+    build_transform,
+    latest_checkpoint,
+    load_checkpoint,
     load_encoder,
+    load_index,
     read_export_config,
 )
-from trainer.plan import dataset_preset  # the trainer's rule, so presets match
-from trainer.transforms import DEFAULT_SIZE, PRESETS, build_transform
 
 __all__ = ["Encoder", "load_encoder_from"]
 
@@ -127,23 +131,23 @@ def load_encoder_from(
         raise FileNotFoundError(f"checkpoint {where}: no such directory")
     if (where / CONFIG_FILE).is_file():
         return _from_export(where, train_data, torch.device(device))
-    if (where / checkpoints.STATE_FILE).is_file():
+    if (where / STATE_FILE).is_file():
         return _from_checkpoint(where, train_data, torch.device(device))
     if (where / EXPORT_SUBDIR / CONFIG_FILE).is_file():
         return _from_export(where / EXPORT_SUBDIR, train_data, torch.device(device))
-    latest = checkpoints.latest_checkpoint(where)
+    latest = latest_checkpoint(where)
     if latest is not None:
         return _from_checkpoint(latest, train_data, torch.device(device))
     raise FileNotFoundError(
         f"checkpoint {where}: neither an exported encoder ({CONFIG_FILE}), a training "
-        f"checkpoint ({checkpoints.STATE_FILE}) nor a run directory holding one"
+        f"checkpoint ({STATE_FILE}) nor a run directory holding one"
     )
 
 
 def _resolve_preset(train_data: str | os.PathLike[str] | ShardIndex | None, what: str) -> str:
     if train_data is None:
         raise ValueError(f"{what}: the augmentation preset is unknown; pass the train data")
-    return dataset_preset(load_index(train_data))
+    return load_index(train_data).preset
 
 
 def _from_export(
@@ -173,7 +177,7 @@ def _from_export(
 def _from_checkpoint(
     where: Path, train_data: str | os.PathLike[str] | ShardIndex | None, device: torch.device
 ) -> Encoder:
-    state, saved = checkpoints.load_checkpoint(where)
+    state, saved = load_checkpoint(where)
     cfg = TrainConfig.from_dict(saved)
     if train_data is None and cfg.builtin:
         preset = "digits"

@@ -32,16 +32,23 @@ from typing import Any
 
 import torch
 
+from featurestore.knn import KnnIndex
 from knn_service.cli import OneLineParser, UsageError, positive_float, positive_int, run
 from knn_service.encoders import Encoder, load_encoder_from
-from knn_service.index import KnnIndex
+from trainer.api import (
+    EVAL_BATCH,
+    ShardIndex,
+    eval_loader,
+    extract_features,
+    index_from_export,
+    knn_accuracy,
+)
 
 logger = logging.getLogger("knn_service.eval")
 
 PROG = "python -m knn_service.eval"
 DEFAULT_K = 200
 DEFAULT_TEMPERATURE = 0.07
-EVAL_BATCH = 256  # trainer.loop.EVAL_BATCH
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,8 +76,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _load_index(location: str, flag: str):
-    from trainer.data import ShardIndex
-
     try:
         return ShardIndex.load(location)
     except (OSError, ValueError) as exc:
@@ -79,9 +84,6 @@ def _load_index(location: str, flag: str):
 
 def _encode(encoder: Encoder, index, batch_size: int, num_workers: int):
     """``(features [N, d], seen [N])`` of every instance of ``index`` (trainer's function)."""
-    from trainer.data import eval_loader
-    from trainer.evaluation import extract_features
-
     loader = eval_loader(index, batch_size, encoder.transform, num_workers=num_workers)
     return extract_features(encoder.model, loader, index.num_instances, encoder.dim, encoder.device)
 
@@ -120,8 +122,6 @@ def _bank_batches(args: argparse.Namespace, dim: int, num_rows: int):
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation described by parsed ``args``; returns the printed record."""
-    from trainer.evaluation import index_from_export, knn_accuracy
-
     if not (args.recompute or args.store_name or args.snapshot):
         raise UsageError(
             "the train features are the bank: pass --store-name or --snapshot, or --recompute"
@@ -138,13 +138,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     cfg = encoder.config
     k = args.k or (cfg.knn_k if cfg is not None else DEFAULT_K)
     temperature = args.temperature or (cfg.nce_t if cfg is not None else DEFAULT_TEMPERATURE)
-    num_classes = max(  # as trainer.plan.make_plan
-        len(train_index.classes),
-        int(train_index.labels.max()) + 1,
-        1,
-        len(val_index.classes),
-        int(val_index.labels.max()) + 1,
-    )
+    num_classes = ShardIndex.classes_of(train_index, val_index)
     train_labels = torch.from_numpy(train_index.labels)
 
     bank: dict[str, Any] | None = None

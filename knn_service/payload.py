@@ -196,7 +196,7 @@ def decode_image_payload(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_P
         RequestError: 400 when the bytes are not an image PIL reads, 413 when it has more
             than ``max_pixels`` pixels (checked from the header, before decoding).
     """
-    from trainer.data import decode_image  # heavy import, only for image queries
+    from trainer.api import decode_image  # heavy import, only for image queries
 
     try:
         with Image.open(io.BytesIO(data)) as probe:

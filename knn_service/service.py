@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from featurestore.knn.index import KnnIndex
+from featurestore.knn.vote import weighted_knn_vote
 from knn_service.dataset import TrainLabels
 from knn_service.encoders import Encoder
-from knn_service.index import KnnIndex
 from knn_service.payload import (
     DEFAULT_MAX_PIXELS,
     Query,
@@ -34,7 +35,6 @@ from knn_service.payload import (
     check_k,
     decode_image_payload,
 )
-from knn_service.vote import weighted_knn_vote
 
 __all__ = ["IndexState", "KnnService"]
 

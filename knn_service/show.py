@@ -106,11 +106,10 @@ def _label_name(data: Any, label: int) -> str:
 
 def show_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     """Draw the retrieval grid; returns a summary."""
+    from featurestore.knn.index import KnnIndex
     from knn_service.dataset import read_image_bytes
     from knn_service.encoders import load_encoder_from
-    from knn_service.index import KnnIndex
-    from trainer.data import decode_image, eval_loader
-    from trainer.evaluation import extract_features
+    from trainer.api import decode_image, eval_loader, extract_features
 
     out = _check_out(args.out)
     train = _load_data(args.train_data, "--train-data")

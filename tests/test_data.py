@@ -489,3 +489,46 @@ def test_builtin_prefix_beats_a_directory_of_that_name(tmp_path: Path, monkeypat
     monkeypatch.chdir(tmp_path)
     summary = make_shards("builtin:digits", tmp_path / "out", split="test")
     assert summary.num_instances == 360
+
+
+def _index(labels, classes=(), meta=None):
+    from trainer.shard_index import DatasetLocation, ShardIndex
+
+    labels = np.asarray(labels, dtype=np.int64)
+    return ShardIndex(
+        DatasetLocation("/nowhere"),
+        ("shard-000000.tar",),
+        (np.arange(len(labels)),),
+        labels,
+        np.zeros(len(labels), np.int32),
+        np.arange(len(labels)),
+        tuple(classes),
+        meta or {},
+    )
+
+
+def test_the_number_of_classes_rule_lives_on_the_index():
+    from trainer.shard_index import ShardIndex
+
+    assert _index([0, 1, 1], classes=("a", "b", "c")).num_classes == 3  # a class never seen
+    assert _index([0, 4, -1]).num_classes == 5  # unnamed: one past the largest label
+    assert _index([-1, -1]).num_classes == 1
+    assert _index([]).num_classes == 1
+    train, val = _index([0, 1]), _index([0, 6])
+    assert ShardIndex.classes_of(train, val) == 7
+    assert ShardIndex.classes_of(train, None) == 2
+
+
+@pytest.mark.parametrize(
+    ("meta", "preset"),
+    [
+        ({"source_type": "digits"}, "digits"),
+        ({"source_type": "cifar10"}, "cifar"),
+        ({"source_type": "imagefolder", "image_size_max": 32}, "cifar"),
+        ({"source_type": "imagefolder", "image_size_max": 64}, "cifar"),
+        ({"source_type": "imagefolder", "image_size_max": 65}, "imagenet"),
+        ({}, "imagenet"),
+    ],
+)
+def test_the_augmentation_preset_follows_the_images(meta, preset):
+    assert _index([0], meta=meta).preset == preset

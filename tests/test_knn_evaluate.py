@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from knn_service import KnnIndex, knn_evaluate, knn_predict
+from featurestore.knn import KnnIndex, knn_evaluate, knn_predict
 
 
 def reference_knn(train_f, train_y, test_f, test_y, num_classes, k, sigma, chunk=100):

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import knn_service.index as index_module
-from knn_service import KnnIndex
+import featurestore.knn.index as index_module
+from featurestore.knn import KnnIndex
 
 
 def unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -77,7 +77,7 @@ def test_torch_topk_search_without_faiss(monkeypatch, caplog) -> None:
     monkeypatch.setattr(index_module, "_BANK_BLOCK", {"cpu": 997, "cuda": 997})
     monkeypatch.setattr(index_module, "_BLOCK_BUDGET", {"cpu": 997 * 9, "cuda": 997 * 9})
     monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # import faiss -> ImportError
-    with caplog.at_level(logging.WARNING, logger="knn_service.index"):
+    with caplog.at_level(logging.WARNING, logger="featurestore.knn.index"):
         index = KnnIndex(dim=24, kind="ivf", device="cpu")  # falls back to exact search
     assert index.backend == "torch"
     assert "faiss" in caplog.text

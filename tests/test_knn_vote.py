@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from knn_service import weighted_knn_vote
+from featurestore.knn import weighted_knn_vote
 
 
 def loop_vote(sims: torch.Tensor, labels: torch.Tensor, num_classes: int, t: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ import pytest
 import torch.nn.functional as F
 from PIL import Image
 
-from knn_service import knn_evaluate
+from featurestore.knn import knn_evaluate
 from trainer.augment import build_batch_transform
 from trainer.data import ShardIndex
 from trainer.data_cache import load_decoded

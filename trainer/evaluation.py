@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from knn_service import KnnIndex, knn_evaluate
+from featurestore.knn import KnnIndex, knn_evaluate
 from trainer.augment import build_batch_transform
 from trainer.cached_loader import CachedLoader
 from trainer.data import ShardIndex, eval_loader

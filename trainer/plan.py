@@ -94,18 +94,6 @@ def _load_index(location: str, flag: str) -> ShardIndex:
         raise ConfigError(f"{flag} {location}: {exc}") from None
 
 
-def dataset_preset(index: ShardIndex) -> str:
-    """The augmentation preset of a dataset: digits, cifar (images <= 64 px) or imagenet."""
-    meta = index.meta
-    kind = meta.get("source_type", "")
-    if kind == "digits":
-        return "digits"
-    if kind.startswith("cifar"):
-        return "cifar"
-    side = meta.get("image_size_max") or 0
-    return "cifar" if side and int(side) <= 64 else "imagenet"
-
-
 def resolve_objective(cfg: TrainConfig, num_rows: int) -> Objective:
     """The objective for ``num_rows`` instances; raises :class:`ConfigError` on K >= N."""
     kind = cfg.objective_kind
@@ -192,12 +180,11 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
     else:  # workers run in another directory: local paths become absolute
         train_data, val_data = _absolute(cfg.data), cfg.val_data and _absolute(cfg.val_data)
     train_index = _load_index(train_data, "--data")
-    num_classes = max(len(train_index.classes), int(train_index.labels.max()) + 1, 1)
     val_index: ShardIndex | None = None
     if val_data is not None:
         val_index = _load_index(val_data, "--val-data")
-        num_classes = max(num_classes, len(val_index.classes), int(val_index.labels.max()) + 1)
-    preset = dataset_preset(train_index) if cfg.augment == "auto" else cfg.augment
+    num_classes = ShardIndex.classes_of(train_index, val_index)
+    preset = train_index.preset if cfg.augment == "auto" else cfg.augment
     objective = resolve_objective(cfg, train_index.num_instances)
     output = os.path.abspath(cfg.output)
     resume_from = resume_snapshot = None

@@ -59,6 +59,31 @@ class ShardIndex:
         """URL of shard number ``shard``."""
         return self.location.url(self.shards[shard])
 
+    @property
+    def num_classes(self) -> int:
+        """Classes of the vote: the named classes, or one past the largest label if more
+        (at least 1)."""
+        top = int(self.labels.max()) + 1 if len(self.labels) else 0
+        return max(len(self.classes), top, 1)
+
+    @property
+    def preset(self) -> str:
+        """The augmentation preset of the images: digits, cifar (images <= 64 px) or
+        imagenet."""
+        kind = self.meta.get("source_type", "")
+        if kind == "digits":
+            return "digits"
+        if kind.startswith("cifar"):
+            return "cifar"
+        side = self.meta.get("image_size_max") or 0
+        return "cifar" if side and int(side) <= 64 else "imagenet"
+
+    @staticmethod
+    def classes_of(*indexes: ShardIndex | None) -> int:
+        """Classes of a vote between datasets (train and val): the largest
+        :attr:`num_classes` of those given."""
+        return max(i.num_classes for i in indexes if i is not None)
+
     @classmethod
     def load(cls, location: str | os.PathLike | DatasetLocation) -> ShardIndex:
         """Read ``dataset.json`` and ``index.parquet`` of a dataset (never lists a directory).

@@ -27,7 +27,7 @@ get id ``-1`` and similarity ``-inf``).
 
 This module holds :class:`KnnIndex`, input checks and the choice of backend (with the lazy
 FAISS import and the torch block sizes); the backends themselves are in
-:mod:`knn_service.backends`, Arrow batch parsing in :mod:`knn_service.arrow_input`.
+:mod:`featurestore.knn.backends`, Arrow batch parsing in :mod:`featurestore.knn.arrow_input`.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from knn_service.arrow_input import (
+from featurestore.knn.arrow_input import (
     _arrow_ids_vectors,  # noqa: F401  (re-exported)
     _iter_arrow_batches,
 )
-from knn_service.backends import (
+from featurestore.knn.backends import (
     _FAISS_GPU_MAX_K,  # noqa: F401  (re-exported)
     _block_candidates,  # noqa: F401  (re-exported)
     _default_nlist,  # noqa: F401  (re-exported)

@@ -1,4 +1,4 @@
-"""The search backends behind :class:`knn_service.index.KnnIndex` (chosen there).
+"""The search backends behind :class:`featurestore.knn.index.KnnIndex` (chosen there).
 
 - :class:`_TorchBackend`: exact search over torch tensors (CPU or CUDA), matmul in blocks,
   each block narrowed by :func:`_block_candidates`; on CPU with FAISS, the candidates go
@@ -6,7 +6,7 @@
 - :class:`_FaissBackend`: a FAISS ``IndexFlatIP`` or ``IndexIVFFlat`` (inner product) on CPU
   or one GPU.
 
-Both take and return row positions; :class:`~knn_service.index.KnnIndex` maps them to ids.
+Both take and return row positions; :class:`~featurestore.knn.index.KnnIndex` maps them to ids.
 """
 
 from __future__ import annotations

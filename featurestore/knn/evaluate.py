@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from knn_service.index import KnnIndex
-from knn_service.vote import weighted_knn_vote
+from featurestore.knn.index import KnnIndex
+from featurestore.knn.vote import weighted_knn_vote
 
 __all__ = ["knn_evaluate", "knn_predict"]
 

@@ -1,0 +1,90 @@
+"""The house rules of ARCHITECTURE.md, checked: one dependency direction between the
+packages (import-linter's contract in ``pyproject.toml``), the serving layer reaching the
+trainer through ``trainer.api`` only, the local training path free of Ray, and modules of
+at most 400 lines."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("knn_service", "trainer", "featurestore")
+MAX_LINES = 400
+#: Modules still above MAX_LINES, each to be split (issue 13); none may be added.
+TOO_LONG = {"featurestore/store.py", "featurestore/shard_actor.py", "featurestore/snapshot.py",
+            "featurestore/knn/index.py", "trainer/loop.py", "trainer/models.py",
+            "trainer/data.py", "trainer/make_shards.py", "knn_service/app.py"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def graph() -> grimp.ImportGraph:
+    return grimp.build_graph(*PACKAGES, include_external_packages=True)
+
+
+def test_import_linter_contract_is_kept():
+    lint = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run([str(lint)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "1 kept, 0 broken" in result.stdout
+
+
+def test_no_package_imports_a_package_above_it(graph):
+    order = {name: rank for rank, name in enumerate(PACKAGES)}  # 0 = top
+    for module in graph.modules:
+        top = module.split(".")[0]
+        if top not in order:
+            continue
+        for imported in graph.find_modules_directly_imported_by(module):
+            other = imported.split(".")[0]
+            assert order.get(other, len(PACKAGES)) >= order[top], f"{module} imports {imported}"
+
+
+def test_the_serving_layer_reaches_the_trainer_only_through_trainer_api(graph):
+    for module in graph.find_descendants("knn_service") | {"knn_service"}:
+        trainer = {
+            m for m in graph.find_modules_directly_imported_by(module) if m.startswith("trainer")
+        }
+        assert trainer <= {"trainer.api"}, f"{module} imports {sorted(trainer)}"
+
+
+def test_serving_does_not_import_the_shard_writer_or_the_training_loop(graph):
+    for target in ("trainer.make_shards", "trainer.loop", "trainer.driver"):
+        chain = graph.find_shortest_chain(importer="knn_service.serve", imported=target)
+        assert chain is None, " -> ".join(chain)
+
+
+#: The places the training path touches Ray: imports inside the functions that run only
+#: with the Ray launcher or the store (ARCHITECTURE.md, "Where Ray is touched").
+RAY_DOORS = (
+    ("trainer.loop", "trainer.ray_runtime"),  # run_worker under Ray Train
+    ("trainer.loop", "featurestore.store"),  # _open_bank with --bank store
+    ("trainer.metrics", "ray"),  # TrainMetrics, created in Ray Train workers only
+    ("trainer.metrics", "featurestore.metrics"),  # the same constructor
+    ("featurestore", "featurestore.store"),  # featurestore.ShardedStore, a lazy attribute
+)
+
+
+def test_the_local_launcher_path_imports_ray_only_behind_the_marked_doors(graph):
+    graph = copy.deepcopy(graph)
+    for importer, imported in RAY_DOORS:
+        assert graph.direct_import_exists(importer=importer, imported=imported)
+        graph.remove_import(importer=importer, imported=imported)
+    for start in ("trainer.local", "trainer.loop", "featurestore.bank", "featurestore.knn"):
+        chain = graph.find_shortest_chain(importer=start, imported="ray")
+        assert chain is None, " -> ".join(chain)
+
+
+def test_modules_stay_short():
+    long = {
+        str(p.relative_to(REPO))
+        for pkg in PACKAGES
+        for p in (REPO / pkg).rglob("*.py")
+        if len(p.read_text().splitlines()) > MAX_LINES
+    }
+    assert long <= TOO_LONG, f"modules above {MAX_LINES} lines: {sorted(long - TOO_LONG)}"

@@ -1,0 +1,50 @@
+"""The trainer as the serving layer sees it: the one module :mod:`knn_service` imports.
+
+Load an encoder (checkpoints, the resolved config, exported models), open a dataset (its
+index, labels and number of classes, raw image bytes), build an evaluation loader, encode a
+dataset, decode an image and evaluate with the kNN vote. Everything else in :mod:`trainer`
+(the loop, the launchers, the shard writer) is the trainer's own business; the import
+contract in ``pyproject.toml`` keeps it so.
+"""
+
+from trainer.checkpoints import STATE_FILE, latest_checkpoint, load_checkpoint
+from trainer.config import TrainConfig
+from trainer.data import eval_loader
+from trainer.decoding import IMAGE_FIELDS, decode_image
+from trainer.evaluation import EVAL_BATCH, extract_features, index_from_export, knn_accuracy
+from trainer.models import (
+    CONFIG_FILE,
+    EncoderConfig,
+    build_encoder,
+    load_encoder,
+    read_export_config,
+)
+from trainer.shard_index import ShardIndex, load_index, read_index_table
+from trainer.shard_io import open_url
+from trainer.transforms import DEFAULT_SIZE, PRESETS, build_transform
+
+__all__ = [
+    "CONFIG_FILE",
+    "DEFAULT_SIZE",
+    "EVAL_BATCH",
+    "IMAGE_FIELDS",
+    "PRESETS",
+    "STATE_FILE",
+    "EncoderConfig",
+    "ShardIndex",
+    "TrainConfig",
+    "build_encoder",
+    "build_transform",
+    "decode_image",
+    "eval_loader",
+    "extract_features",
+    "index_from_export",
+    "knn_accuracy",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_encoder",
+    "load_index",
+    "open_url",
+    "read_export_config",
+    "read_index_table",
+]
