@@ -270,13 +270,17 @@ class MemoryBank:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output; shape must match this bank."""
+        """Restore :meth:`state_dict` output; its shape, momentum and seed must match this
+        bank's (``ValueError`` naming the first that differs; the bank is left unchanged)."""
         rows = state["rows"]
         if tuple(rows.shape) != (self.num_rows, self.dim):
             raise ValueError(
                 f"state has rows of shape {tuple(rows.shape)}, bank is "
                 f"({self.num_rows}, {self.dim})"
             )
+        for name in ("momentum", "seed"):
+            if name in state and state[name] != getattr(self, name):
+                raise ValueError(f"state has {name} {state[name]}, bank has {getattr(self, name)}")
         self._shard.rows.copy_(rows.to(self.device, self.dtype))
         self.z = state.get("z")
         self.step_count = int(state.get("step", 0))

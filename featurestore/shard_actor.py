@@ -256,9 +256,13 @@ class ShardActor:
         # Store-wide state; authoritative on shard 0 only.
         self._z: float | None = None if manifest is None else manifest.z
         self._counter = loaded_step
-        self._last_snapshot_step = loaded_step
+        self._last_snapshot_step = loaded_step  # the last committed snapshot
+        # The schedule counts from the last attempt, committed or not: a failed snapshot is
+        # retried one interval later, not at every step.
+        self._last_attempt_step = loaded_step
         self._last_snapshot_time: float | None = None  # the clock starts at the first step
         self._snapshot_started: float | None = None
+        self._snapshot_failures = 0
         self._applied = 0
         self._metrics.set_rows(shard, self.hi - self.lo)
         if reconstructed:
@@ -460,6 +464,8 @@ class ShardActor:
                 "applied_steps": self._applied,
                 "rows": self.hi - self.lo,
                 "device": str(self.bank.device),
+                "last_snapshot_step": self._last_snapshot_step,
+                "snapshot_failures": self._snapshot_failures,
             }
 
     def _snapshot_due(self, next_step: int) -> bool:
@@ -475,7 +481,7 @@ class ShardActor:
             logger.warning("an auto snapshot of store %r never finished; starting another")
         due = (
             cfg.snapshot_every_steps > 0
-            and next_step - self._last_snapshot_step >= cfg.snapshot_every_steps
+            and next_step - self._last_attempt_step >= cfg.snapshot_every_steps
         ) or (
             cfg.snapshot_every_seconds > 0
             and now - self._last_snapshot_time >= cfg.snapshot_every_seconds
@@ -500,11 +506,25 @@ class ShardActor:
 
     @ray.method(concurrency_group="control")
     def snapshot_finished(self, ok: bool, step: int) -> None:
-        """Shard 0: a snapshot at ``step`` ended (``ok``: committed); resets the schedule."""
+        """Shard 0: a snapshot at ``step`` ended (``ok``: committed). The schedule restarts
+        from this attempt either way; only a committed one counts as the last snapshot, and
+        a failed one is counted (``info()["snapshot_failures"]``) and logged."""
         with self._lock:
             self._snapshot_started = None
-            self._last_snapshot_step = max(self._last_snapshot_step, int(step))
+            self._last_attempt_step = max(self._last_attempt_step, int(step))
             self._last_snapshot_time = time.monotonic()
+            if ok:
+                self._last_snapshot_step = max(self._last_snapshot_step, int(step))
+                return
+            self._snapshot_failures += 1
+            logger.warning(
+                "snapshot of store %r at step %d failed (%d failed so far; the last committed "
+                "one is at step %d); the next is tried on schedule",
+                self.config.name,
+                step,
+                self._snapshot_failures,
+                self._last_snapshot_step,
+            )
 
     @ray.method(concurrency_group="control")
     def reset_state(self, step: int, z: float | None) -> None:
@@ -512,7 +532,7 @@ class ShardActor:
         with self._lock:
             self._counter = int(step)
             self._z = z
-            self._last_snapshot_step = int(step)
+            self._last_snapshot_step = self._last_attempt_step = int(step)
 
 
 #: The actor class; store.py sets names, lifetime, restarts and resources via ``.options``.

@@ -23,21 +23,18 @@ from hypothesis import strategies as st
 from PIL import Image
 from torchvision import transforms as T
 
-from trainer.data import (
-    ShardIndex,
-    _TarReader,
-    _TensorTail,
+from trainer.data import eval_loader, train_loader
+from trainer.decoding import _TensorTail, decode_image, to_rgb
+from trainer.epoch_plan import (
     _worker_share,
-    decode_image,
     epoch_order,
-    eval_loader,
     plan_epoch,
     steps_per_epoch,
     take_segments,
-    to_rgb,
-    train_loader,
 )
 from trainer.make_shards import make_shards
+from trainer.shard_index import ShardIndex
+from trainer.shard_io import _TarReader
 from trainer.transforms import build_transform
 
 # torchvision 0.29 deprecates its image decoders (used for JPEG, see decode_image).

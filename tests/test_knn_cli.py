@@ -71,7 +71,6 @@ def make_tiny_checkpoint(out: Path, model: torch.nn.Module, train_data: Path, **
         epoch=1,
         step=3,
         store_snapshot=None,
-        data_position={"epoch": 1, "batch": 0},
     )
     return save_checkpoint(out, state, config.to_dict())
 

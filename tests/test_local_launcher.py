@@ -107,3 +107,24 @@ def test_non_finite_features_stop_the_run_with_one_line_and_keep_the_checkpoint(
     assert latest_checkpoint(out) == kept
     state, _ = load_checkpoint(kept)
     assert state.epoch == 1  # the last good checkpoint, intact and loadable
+
+
+@pytest.mark.parametrize(
+    ("changed", "says"),
+    [
+        (("--nce-m", "0.9"), "nce_m: 0.9 != 0.5"),
+        (("--seed", "3"), "seed: 3 != 0"),
+        (("--low-dim", "8"), "low_dim: 8 != 16"),
+        (("--launcher", "ray"), "bank: 'store' != 'local'"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_another_bank_or_seed_in_one_line(
+    shards, tmp_path, changed, says
+):
+    out = tmp_path / "run"
+    first = _run(shards, out, "--epochs", "1", "--eval-every", "0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _run(shards, out, "--epochs", "2", "--resume", "--eval-every", "0", *changed)
+    assert again.returncode == 2
+    lines = again.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is from another config" in lines[0] and says in lines[0], lines

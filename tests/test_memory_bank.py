@@ -244,7 +244,7 @@ def test_state_dict_roundtrip():
     bank = MemoryBank(100, D, seed=11)
     f, ids, noise = make_batch(11, n=100)
     bank.step(f, ids, NCE(num_negatives=K), noise_ids=noise)
-    other = MemoryBank(100, D, seed=0)
+    other = MemoryBank(100, D, seed=11)
     other.load_state_dict(bank.state_dict())
     assert other.z == bank.z and other.step_count == 1
     torch.testing.assert_close(other.rows, bank.rows)
@@ -304,3 +304,15 @@ def test_objective_config_errors(build, message):
 def test_objective_dict_roundtrip():
     for obj in (NCE(num_negatives=7, z=2.0), Softmax(temperature=0.2), SampledSoftmax()):
         assert Objective.from_dict(obj.to_dict()) == obj
+
+
+def test_load_state_dict_refuses_another_momentum_or_seed_and_keeps_the_rows():
+    saved = MemoryBank(20, 4, momentum=0.5, seed=1).state_dict()
+    for other in (MemoryBank(20, 4, momentum=0.9, seed=1), MemoryBank(20, 4, momentum=0.5, seed=2)):
+        before = other.rows.clone()
+        with pytest.raises(ValueError, match=r"state has (momentum 0\.5|seed 1), bank has"):
+            other.load_state_dict(saved)
+        assert torch.equal(other.rows, before)
+    same = MemoryBank(20, 4, momentum=0.5, seed=1)
+    same.load_state_dict(saved)
+    assert torch.equal(same.rows, saved["rows"])

@@ -283,3 +283,34 @@ def test_automatic_snapshots_by_steps_and_seconds(make_store, tmp_path):
     assert [m.step for m in kept] == [7, 4]  # newest first; older ones pruned
     latest = snapshot_module.read_manifest(snapshot_module.latest_snapshot(str(tmp_path)))
     assert latest.store_id == store.config.store_id and latest.num_rows == N
+
+
+def test_a_failed_automatic_snapshot_is_reported_and_retried_on_schedule(make_store, tmp_path):
+    snaps = tmp_path / "snaps"
+    store = make_store(
+        num_rows=N,
+        dim=D,
+        num_shards=2,
+        seed=29,
+        snapshot_dir=str(snaps),
+        snapshot_every_steps=2,
+    )
+    f, ids, _ = batch(29)
+    obj = SampledSoftmax(num_negatives=K)
+    for _ in range(2):
+        store.step(f, ids, obj)
+    assert [m.step for m in snapshot_module.list_snapshots(str(snaps))] == [2]
+    shutil.move(snaps, tmp_path / "aside")
+    snaps.write_text("not a directory")  # the next snapshot cannot be written
+    for _ in range(2):
+        store.step(f, ids, obj)  # due at 4: fails
+    info = store.shard_info()[0]
+    assert (info["last_snapshot_step"], info["snapshot_failures"]) == (2, 1)
+    store.step(f, ids, obj)  # 5: not retried at every step
+    assert store.shard_info()[0]["snapshot_failures"] == 1
+    snaps.unlink()
+    shutil.move(tmp_path / "aside", snaps)
+    store.step(f, ids, obj)  # 6: one interval after the failed attempt
+    info = store.shard_info()[0]
+    assert (info["last_snapshot_step"], info["snapshot_failures"]) == (6, 1)
+    assert [m.step for m in snapshot_module.list_snapshots(str(snaps))] == [6, 2]

@@ -172,7 +172,7 @@ def test_resume_needs_a_matching_checkpoint(tiny_shards, tmp_path):
     argv = ["--data", str(tiny_shards["train"]), "--nce-k", "10", "--output", str(tmp_path)]
     with pytest.raises(ConfigError, match="no checkpoint"):
         make_plan(parse_config([*argv, "--resume"]))
-    state = TrainState({}, {}, epoch=1, step=5, store_snapshot=None, data_position={})
+    state = TrainState({}, {}, epoch=1, step=5, store_snapshot="file:///snapshots/step-5")
     save_checkpoint(tmp_path / "ck", state, parse_config(argv).to_dict())
     plan = make_plan(parse_config([*argv, "--resume"]))
     assert plan.resume_from == str(tmp_path / "ck")
@@ -182,15 +182,24 @@ def test_resume_needs_a_matching_checkpoint(tiny_shards, tmp_path):
         )
 
 
+def test_resume_needs_the_bank_of_its_kind_in_the_checkpoint(tiny_shards, tmp_path):
+    argv = ["--data", str(tiny_shards["train"]), "--nce-k", "10", "--output", str(tmp_path)]
+    save_checkpoint(tmp_path / "ck", TrainState({}, {}, 1, 5, None), parse_config(argv).to_dict())
+    with pytest.raises(ConfigError, match="names no store snapshot to restore"):
+        make_plan(parse_config([*argv, "--resume"]))
+    local = [*argv, "--launcher", "local"]
+    save_checkpoint(tmp_path / "ck", TrainState({}, {}, 1, 5, None), parse_config(local).to_dict())
+    with pytest.raises(ConfigError, match="holds no in-process bank to restore"):
+        make_plan(parse_config([*local, "--resume"]))
+
+
 def test_resume_takes_the_newest_of_output_and_storage_path(tiny_shards, tmp_path):
     storage = tmp_path / "elsewhere"
     argv = ["--data", str(tiny_shards["train"]), "--nce-k", "10", "--output", str(tmp_path / "o")]
     argv += ["--storage-path", str(storage)]
     config = parse_config(argv).to_dict()
     for root, step in ((tmp_path / "o" / "ray" / "a", 4), (storage / "b", 8)):
-        state = TrainState(
-            {}, {}, epoch=step // 4, step=step, store_snapshot=None, data_position={}
-        )
+        state = TrainState({}, {}, epoch=step // 4, step=step, store_snapshot="file:///s")
         save_checkpoint(root, state, config)
     assert make_plan(parse_config([*argv, "--resume"])).resume_from == str(storage / "b")
     empty = ["--data", str(tiny_shards["train"]), "--nce-k", "10", "--resume"]

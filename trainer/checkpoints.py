@@ -36,9 +36,7 @@ class TrainState:
     step: int
     """Optimizer steps completed."""
     store_snapshot: str | None
-    """URI of the store snapshot taken at this boundary."""
-    data_position: dict[str, int]
-    """``{"epoch": e, "batch": b}``: the next batch the loader delivers."""
+    """URI of the store snapshot taken at this boundary (``--bank store``)."""
     bank: dict[str, Any] | None = None
     """The in-process bank's :meth:`~featurestore.MemoryBank.state_dict` (rows, Z, step)
     with ``--bank local``; the store's rows are in ``store_snapshot`` instead."""
@@ -54,7 +52,6 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState, config: dic
         "epoch": state.epoch,
         "step": state.step,
         "store_snapshot": state.store_snapshot,
-        "data_position": state.data_position,
         "bank": state.bank,
     }
     tmp = path / f".{STATE_FILE}.tmp"
@@ -95,6 +92,7 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[TrainState, dict]:
         io.BytesIO(fs.cat_file(f"{path}/{STATE_FILE}")), map_location="cpu", weights_only=True
     )
     config = json.loads(fs.cat_file(f"{path}/{CONFIG_FILE}"))
+    payload.pop("data_position", None)  # written by older versions, never read
     return TrainState(**payload), config
 
 

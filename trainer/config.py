@@ -293,14 +293,27 @@ class TrainConfig:
     def differences(self, other: TrainConfig, keys: tuple[str, ...]) -> list[str]:
         """``key: mine != other`` for each of ``keys`` that differs."""
         return [
-            f"{k}: {getattr(self, k)!r} != {getattr(other, k)!r}"
+            f"{k.removeprefix('resolved_')}: {getattr(self, k)!r} != {getattr(other, k)!r}"
             for k in keys
             if getattr(self, k) != getattr(other, k)
         ]
 
 
 #: Settings a resumed run must share with the checkpoint it resumes.
-RESUME_KEYS = ("data", "low_dim", "objective", "nce_k", "nce_t", "arch", "store_dtype")
+RESUME_KEYS = (
+    "data",
+    "arch",
+    "low_dim",
+    "objective",
+    "nce_k",
+    "nce_t",
+    "nce_m",
+    "nce_z",
+    "prox_lambda",
+    "seed",
+    "store_dtype",
+    "resolved_bank",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,19 +58,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import ToTensor
 
 from trainer.decoding import (
-    IMAGE_FIELDS,  # noqa: F401  (re-exported)
     _BadSampleError,
-    _decode_jpeg,  # noqa: F401  (re-exported)
     _image_and_label,
     _TensorTail,
     _uint8_hwc,
     decode_image,
-    to_rgb,  # noqa: F401  (re-exported)
 )
 from trainer.epoch_plan import (
     _SALT_AUGMENT,
     _SALT_BUFFER,
-    _SALT_PLAN,  # noqa: F401  (re-exported)
     Segment,
     _id_segments,
     _mix,
@@ -78,28 +74,13 @@ from trainer.epoch_plan import (
     epoch_order,
     plan_epoch,
     steps_per_epoch,
-    take_segments,  # noqa: F401  (re-exported)
 )
 from trainer.segment_reader import (
     _LOGGED_SKIPS,
-    MAX_OPEN_SHARDS,  # noqa: F401  (re-exported)
-    _position,  # noqa: F401  (re-exported)
     _SegmentReader,
     _SkipCounter,
 )
 from trainer.shard_index import ShardIndex, load_index
-from trainer.shard_io import (
-    _BLOCK,  # noqa: F401  (re-exported)
-    _ZERO_BLOCK,  # noqa: F401  (re-exported)
-    DatasetLocation,  # noqa: F401  (re-exported)
-    _is_local,  # noqa: F401  (re-exported)
-    _pax_path,  # noqa: F401  (re-exported)
-    _ShardCursor,  # noqa: F401  (re-exported)
-    _tar_number,  # noqa: F401  (re-exported)
-    _TarError,  # noqa: F401  (re-exported)
-    _TarReader,  # noqa: F401  (re-exported)
-    open_url,  # noqa: F401  (re-exported)
-)
 
 logger = logging.getLogger(__name__)
 

@@ -180,10 +180,14 @@ def resume(w: Worker) -> tuple[int, int]:
     w.encoder.load_state_dict(state.model)
     w.optimizer.load_state_dict(state.optimizer)
     if w.rank == 0:
-        if isinstance(w.bank, MemoryBank) and state.bank is not None:
-            w.bank.load_state_dict(state.bank)  # the in-process bank's rows and Z
-        elif state.store_snapshot and hasattr(w.bank, "load_snapshot"):
-            w.bank.load_snapshot(state.store_snapshot)  # bank back to the checkpoint's rows
+        if isinstance(w.bank, MemoryBank):
+            if state.bank is None:
+                raise ValueError(f"checkpoint {source} holds no in-process bank to restore")
+            w.bank.load_state_dict(state.bank)  # the in-process bank's rows, Z and step
+        else:
+            if state.store_snapshot is None:
+                raise ValueError(f"checkpoint {source} names no store snapshot to restore")
+            w.bank.load_snapshot(state.store_snapshot)  # rows, Z and step of the checkpoint
         truncate_jsonl_after(Path(w.plan.output) / "metrics.jsonl", state.step)
     logger.info("resumed at epoch %d, step %d", state.epoch, state.step)
     return state.epoch, state.step
@@ -340,7 +344,6 @@ def checkpoint(w: Worker, epoch: int, step: int, record: dict) -> None:
         epoch=epoch,
         step=step,
         store_snapshot=None if local else w.bank.snapshot(),
-        data_position={"epoch": epoch, "batch": 0},
         bank=w.bank.state_dict() if local else None,
     )
     with tempfile.TemporaryDirectory(prefix="npid-ckpt-") as tmp:

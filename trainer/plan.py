@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from featurestore.objectives import NCE, Objective, SampledSoftmax, Softmax
-from trainer.checkpoints import latest_checkpoint, load_checkpoint, load_checkpoint_meta
+from trainer.checkpoints import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    load_checkpoint_meta,
+)
 from trainer.config import RESUME_KEYS, SOFTMAX_AUTO_MAX_ROWS, ConfigError, TrainConfig
 from trainer.data import ShardIndex
 from trainer.data_cache import decoded_bytes
@@ -48,7 +53,6 @@ class RunPlan:
     store_name: str
     create_store: bool
     resume_from: str | None
-    resume_snapshot: str | None
     storage_path: str
     """Ray Train storage of this launch (local path or URL)."""
     run_name: str
@@ -171,6 +175,21 @@ def _newest_checkpoint(roots: list[str]) -> str | None:
     return None if best is None else best[1]
 
 
+def check_resumable(cfg: TrainConfig, found: str, state: TrainState, saved: TrainConfig) -> None:
+    """Raise one :class:`ConfigError` line unless ``cfg`` may continue checkpoint ``found``:
+    every setting of :data:`RESUME_KEYS` (data, model, objective, bank kind, momentum, seed)
+    as saved, and the checkpoint holding the bank of that kind (rows and Z)."""
+    diffs = cfg.differences(saved, RESUME_KEYS)
+    if diffs:
+        raise ConfigError(
+            f"--resume: checkpoint {found} is from another config (" + "; ".join(diffs) + ")"
+        )
+    if cfg.resolved_bank == "local" and state.bank is None:
+        raise ConfigError(f"--resume: checkpoint {found} holds no in-process bank to restore")
+    if cfg.resolved_bank == "store" and state.store_snapshot is None:
+        raise ConfigError(f"--resume: checkpoint {found} names no store snapshot to restore")
+
+
 def make_plan(cfg: TrainConfig) -> RunPlan:
     """Resolve ``cfg``; raises :class:`ConfigError` naming the bad input."""
     if cfg.builtin:
@@ -187,7 +206,7 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
     preset = train_index.preset if cfg.augment == "auto" else cfg.augment
     objective = resolve_objective(cfg, train_index.num_instances)
     output = os.path.abspath(cfg.output)
-    resume_from = resume_snapshot = None
+    resume_from = None
     if cfg.resume:
         roots = [output, *([cfg.storage_path] if cfg.storage_path else [])]
         try:
@@ -197,12 +216,8 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
         if found is None:
             raise ConfigError(f"--resume: no checkpoint under {' or '.join(roots)}")
         state, saved = load_checkpoint(found)
-        diffs = cfg.differences(TrainConfig.from_dict(saved), RESUME_KEYS)
-        if diffs:
-            raise ConfigError(
-                f"--resume: checkpoint {found} is from another config (" + "; ".join(diffs) + ")"
-            )
-        resume_from, resume_snapshot = str(found), state.store_snapshot
+        check_resumable(cfg, found, state, TrainConfig.from_dict(saved))
+        resume_from = str(found)
     arch, why = cfg.arch_choice()
     if cfg.arch == "auto":
         logger.info("--arch auto: %s (%s)", arch, why)
@@ -222,7 +237,6 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
         store_name=store_name,
         create_store=cfg.store_name is None,
         resume_from=resume_from,
-        resume_snapshot=resume_snapshot,
         storage_path=cfg.storage_path or os.path.join(output, "ray"),
         run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
         data_cache=resolve_data_cache(cfg, train_index, val_index),
