@@ -300,20 +300,8 @@ class TrainConfig:
 
 
 #: Settings a resumed run must share with the checkpoint it resumes.
-RESUME_KEYS = (
-    "data",
-    "arch",
-    "low_dim",
-    "objective",
-    "nce_k",
-    "nce_t",
-    "nce_m",
-    "nce_z",
-    "prox_lambda",
-    "seed",
-    "store_dtype",
-    "resolved_bank",
-)
+RESUME_KEYS = ("data", "arch", "low_dim", "objective", "nce_k", "nce_t", "nce_m", "nce_z",
+               "prox_lambda", "seed", "store_dtype", "resolved_bank")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
