@@ -2,8 +2,13 @@
 
 - ``ImageFolder+DataLoader``: torchvision, PIL augmentation (the baseline of the streaming
   path);
-- ``trainer.data (webdataset)``: the streaming shard loader, PIL augmentation;
-- ``cached (decoded, batched)``: :class:`trainer.cached_loader.CachedLoader` over the
+- ``trainer.data (webdataset)``: the streaming shard loader, PIL augmentation (our tar
+  reader and the deterministic epoch plan: equal steps on every rank, segments of shards
+  split across ranks and DataLoader workers);
+- ``webdataset pipeline``: webdataset's own ``WebDataset(...).shuffle().decode("pil")`` with
+  ``WebLoader``, the same transform, batch and workers (shards split across workers, a
+  shuffle buffer of the same size; no equal steps per rank);
+- ``cached (decoded, batched)``: :class:`trainer.data.memory_loader.CachedLoader` over the
   decoded uint8 pixels with the batched CIFAR augmentation (``--data-cache memory``), one
   torch thread as in the training loop; decoding once into the cache is timed apart.
 
@@ -41,9 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer.augment import build_batch_transform  # noqa: E402
-from trainer.cached_loader import CachedLoader  # noqa: E402
 from trainer.data import ShardIndex, decode_image, train_loader  # noqa: E402
-from trainer.data_cache import load_decoded  # noqa: E402
+from trainer.data.cache import load_decoded  # noqa: E402
+from trainer.data.memory_loader import CachedLoader  # noqa: E402
 from trainer.make_shards import make_shards  # noqa: E402
 from trainer.transforms import build_transform  # noqa: E402
 
@@ -80,6 +85,24 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Path]:
             shutil.copyfile(f, subset / f.parent.name / f.name)
         make_shards(subset, shards, shard_size=args.shard_size, progress=False)
     return subset, shards
+
+
+def _webdataset_pipeline(shards: Path, args: argparse.Namespace, transform):
+    """webdataset's own reading pipeline over the same shards."""
+    import webdataset as wds
+
+    from trainer.data.stream import DEFAULT_SHUFFLE_BUFFER
+
+    index = ShardIndex.load(shards)
+    urls = [index.shard_url(i) for i in range(len(index.shards))]
+    dataset = (
+        wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+        .shuffle(DEFAULT_SHUFFLE_BUFFER)
+        .decode("pil")
+        .to_tuple("jpg;png", "__key__", "cls")
+        .map_tuple(transform, int, int)
+    )
+    return wds.WebLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
 
 
 def _epoch(loader) -> tuple[float, int]:
@@ -122,6 +145,7 @@ def main() -> None:
     loaders = {
         "ImageFolder+DataLoader": baseline,
         "trainer.data (webdataset)": ours,
+        "webdataset pipeline": _webdataset_pipeline(shards, args, transform),
         "cached (decoded, batched)": cached,
     }
     times: dict[str, list[float]] = {name: [] for name in loaders}
@@ -139,8 +163,9 @@ def main() -> None:
     print(f"{'pipeline':28s} {'median img/s':>12s} {'min':>8s} {'max':>8s}")
     for name, rates in times.items():
         print(f"{name:28s} {statistics.median(rates):12.0f} {min(rates):8.0f} {max(rates):8.0f}")
-    base, mine, held = (statistics.median(r) for r in times.values())
+    base, mine, native, held = (statistics.median(r) for r in times.values())
     print(f"ratio (webdataset / ImageFolder): {mine / base:.2f}x")
+    print(f"ratio (trainer.data / webdataset pipeline): {mine / native:.2f}x")
     print(f"ratio (cached / webdataset): {held / mine:.2f}x")
     print(
         f"decoding once into the cache: {decode_seconds:.1f} s ({total / decode_seconds:.0f} img/s)"

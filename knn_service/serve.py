@@ -7,7 +7,7 @@
 
 The process attaches to the store's shard actors over Ray (``RAY_ADDRESS`` or the local
 cluster), builds a FAISS/torch index from ``store.export()``, and serves the HTTP API of
-:mod:`knn_service.app` from this process (aiohttp), rebuilding the index on ``POST /refresh``
+:mod:`knn_service.http_app` from this process (aiohttp), rebuilding the index on ``POST /refresh``
 and every ``--refresh-seconds``. ``--train-data`` supplies neighbour labels, keys and source
 paths (and enables ``/classify``); ``--checkpoint`` (exported encoder, training checkpoint or
 run directory) enables image queries. Query vectors are L2-normalized before the search; the
@@ -29,7 +29,6 @@ import signal
 import sys
 from typing import Any
 
-from knn_service.app import DEFAULT_MAX_BODY_BYTES, AppSettings, build_app, start_site
 from knn_service.cli import (
     OneLineParser,
     UsageError,
@@ -37,9 +36,10 @@ from knn_service.cli import (
     port_number,
     positive_int,
 )
-from knn_service.dataset import TrainLabels
 from knn_service.encoders import load_encoder_from
-from knn_service.service import KnnService
+from knn_service.http_app import DEFAULT_MAX_BODY_BYTES, AppSettings, build_app, start_site
+from knn_service.query_engine import KnnService
+from knn_service.train_labels import TrainLabels
 
 logger = logging.getLogger("knn_service.serve")
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from featurestore.files import write_atomic
 from knn_service.cli import OneLineParser, UsageError, non_negative_int, positive_int, run
 from knn_service.figures import Tile, retrieval_grid, training_curves
 
@@ -71,9 +71,7 @@ def _check_out(out: str) -> Path:
 
 def _save_png(image: Image.Image, path: Path) -> None:
     """Write to a temp name beside ``path``, then rename (no half-written figures)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _parse_ids(text: str, num_val: int) -> list[int]:
@@ -90,7 +88,7 @@ def _parse_ids(text: str, num_val: int) -> list[int]:
 
 
 def _load_data(location: str, flag: str):
-    from knn_service.dataset import TrainLabels
+    from knn_service.train_labels import TrainLabels
 
     try:
         return TrainLabels.load(location)
@@ -107,8 +105,8 @@ def _label_name(data: Any, label: int) -> str:
 def show_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     """Draw the retrieval grid; returns a summary."""
     from featurestore.knn.index import KnnIndex
-    from knn_service.dataset import read_image_bytes
     from knn_service.encoders import load_encoder_from
+    from knn_service.train_labels import read_image_bytes
     from trainer.api import decode_image, eval_loader, extract_features
 
     out = _check_out(args.out)

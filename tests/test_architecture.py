@@ -17,9 +17,17 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("knn_service", "trainer", "featurestore")
 MAX_LINES = 400
 #: Modules still above MAX_LINES, each to be split (issue 13); none may be added.
-TOO_LONG = {"featurestore/store.py", "featurestore/shard_actor.py", "featurestore/snapshot.py",
-            "featurestore/knn/index.py", "trainer/loop.py", "trainer/models.py",
-            "trainer/data.py", "trainer/make_shards.py", "knn_service/app.py"}  # fmt: skip
+TOO_LONG = {
+    "featurestore/store.py",
+    "featurestore/shard_actor.py",
+    "featurestore/snapshot.py",
+    "featurestore/knn/index.py",
+    "trainer/loop.py",
+    "trainer/models.py",
+    "trainer/data/stream.py",
+    "trainer/make_shards.py",
+    "knn_service/http_app.py",
+}
 
 
 @pytest.fixture(scope="module")

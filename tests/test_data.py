@@ -24,17 +24,17 @@ from PIL import Image
 from torchvision import transforms as T
 
 from trainer.data import eval_loader, train_loader
-from trainer.decoding import _TensorTail, decode_image, to_rgb
-from trainer.epoch_plan import (
+from trainer.data.decode import _TensorTail, decode_image, to_rgb
+from trainer.data.index import ShardIndex
+from trainer.data.order import (
     _worker_share,
     epoch_order,
     plan_epoch,
     steps_per_epoch,
     take_segments,
 )
+from trainer.data.shard_files import _TarReader
 from trainer.make_shards import make_shards
-from trainer.shard_index import ShardIndex
-from trainer.shard_io import _TarReader
 from trainer.transforms import build_transform
 
 # torchvision 0.29 deprecates its image decoders (used for JPEG, see decode_image).
@@ -489,7 +489,7 @@ def test_builtin_prefix_beats_a_directory_of_that_name(tmp_path: Path, monkeypat
 
 
 def _index(labels, classes=(), meta=None):
-    from trainer.shard_index import DatasetLocation, ShardIndex
+    from trainer.data.index import DatasetLocation, ShardIndex
 
     labels = np.asarray(labels, dtype=np.int64)
     return ShardIndex(
@@ -505,7 +505,7 @@ def _index(labels, classes=(), meta=None):
 
 
 def test_the_number_of_classes_rule_lives_on_the_index():
-    from trainer.shard_index import ShardIndex
+    from trainer.data.index import ShardIndex
 
     assert _index([0, 1, 1], classes=("a", "b", "c")).num_classes == 3  # a class never seen
     assert _index([0, 4, -1]).num_classes == 5  # unnamed: one past the largest label

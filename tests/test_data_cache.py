@@ -1,4 +1,4 @@
-"""Decoded datasets (trainer.data_cache) and their loader (trainer.cached_loader), on real
+"""Decoded datasets (trainer.data.cache) and their loader (trainer.data.memory_loader), on real
 shards written by make_shards: pixels equal to PIL's decode, a fingerprint that never
 serves a changed dataset, corrupt samples skipped and counted, and epochs that are full
 random permutations split evenly across ranks (the property the class-sorted shard stream
@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from trainer.augment import build_batch_transform
-from trainer.cached_loader import CachedLoader
 from trainer.data import ShardIndex
-from trainer.data_cache import DataCacheError, decoded_bytes, fingerprint, load_decoded
+from trainer.data.cache import DataCacheError, decoded_bytes, fingerprint, load_decoded
+from trainer.data.memory_loader import CachedLoader
 from trainer.make_shards import make_shards
 
 CLASSES = 4
@@ -57,7 +57,7 @@ def test_decoded_pixels_equal_pil_and_come_back_from_the_cache(dataset, tmp_path
         assert np.array_equal(data.images[iid].numpy(), want)
     assert data.labels.tolist() == index.labels.tolist()
 
-    import trainer.data_cache as data_cache
+    import trainer.data.cache as data_cache
 
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded again although cached")

@@ -28,7 +28,7 @@ from PIL import Image
 from featurestore.knn import knn_evaluate
 from trainer.augment import build_batch_transform
 from trainer.data import ShardIndex
-from trainer.data_cache import load_decoded
+from trainer.data.cache import load_decoded
 from trainer.make_shards import make_shards
 from trainer.metrics import read_jsonl
 from trainer.run import main
@@ -67,7 +67,7 @@ def shifted_digits(tmp_path_factory) -> dict[str, Path]:
     """The built-in digits, each pasted at a seeded random place of a 16×16 canvas."""
     from sklearn.datasets import load_digits
 
-    from trainer.datasets import DIGITS_TEST_EVERY
+    from trainer.data.sources import DIGITS_TEST_EVERY
 
     root = tmp_path_factory.mktemp("shifted-digits")
     digits = load_digits()

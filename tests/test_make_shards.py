@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from trainer import make_shards as ms
-from trainer.datasets import SourceError
+from trainer.data.sources import SourceError
 from trainer.make_shards import OutputExistsError, ensure_builtin_dataset, make_shards
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

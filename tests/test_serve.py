@@ -28,12 +28,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from prometheus_client.parser import text_string_to_metric_families
+from server_thread import ServerThread
 from test_knn_cli import DIM, REPO_ROOT, features, make_tiny_data, make_tiny_encoder
 
 from knn_service import serve
-from knn_service.app import AppSettings, ServerThread, build_app
-from knn_service.payload import RequestError, parse_query
-from knn_service.service import KnnService
+from knn_service.http_app import AppSettings, build_app
+from knn_service.query_engine import KnnService
+from knn_service.request_parsing import RequestError, parse_query
 from trainer.models import EncoderConfig, build_encoder, export_encoder
 
 NAMESPACE = "npid-tests"

@@ -10,7 +10,9 @@ contract in ``pyproject.toml`` keeps it so.
 from trainer.checkpoints import STATE_FILE, latest_checkpoint, load_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import eval_loader
-from trainer.decoding import IMAGE_FIELDS, decode_image
+from trainer.data.decode import IMAGE_FIELDS, decode_image
+from trainer.data.index import ShardIndex, load_index, read_index_table
+from trainer.data.shard_files import open_url
 from trainer.evaluation import EVAL_BATCH, extract_features, index_from_export, knn_accuracy
 from trainer.models import (
     CONFIG_FILE,
@@ -19,8 +21,6 @@ from trainer.models import (
     load_encoder,
     read_export_config,
 )
-from trainer.shard_index import ShardIndex, load_index, read_index_table
-from trainer.shard_io import open_url
 from trainer.transforms import DEFAULT_SIZE, PRESETS, build_transform
 
 __all__ = [

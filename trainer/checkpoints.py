@@ -20,6 +20,8 @@ import fsspec
 import pyarrow.fs
 import torch
 
+from featurestore.files import is_url, write_atomic, write_text_atomic
+
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
@@ -54,21 +56,11 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState, config: dic
         "store_snapshot": state.store_snapshot,
         "bank": state.bank,
     }
-    tmp = path / f".{STATE_FILE}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path / STATE_FILE)
-    tmp = path / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    os.replace(tmp, path / CONFIG_FILE)
+    write_atomic(path / STATE_FILE, lambda tmp: torch.save(payload, tmp))
+    write_text_atomic(path / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
     meta = {"epoch": state.epoch, "step": state.step, "store_snapshot": state.store_snapshot}
-    tmp = path / f".{META_FILE}.tmp"
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, path / META_FILE)
+    write_text_atomic(path / META_FILE, json.dumps(meta))  # last: marks the checkpoint complete
     return path
-
-
-def _is_url(location: str | os.PathLike) -> bool:
-    return "://" in str(location)
 
 
 def _checkpoint_fs(directory: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -128,7 +120,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | str | None:
 
     ``root`` is a local directory (a ``Path`` comes back) or an fsspec URL (a URL string).
     """
-    if _is_url(root):
+    if is_url(root):
         return _latest_remote(str(root))
     base = Path(root)
     if not base.exists():

@@ -118,7 +118,7 @@ class TrainConfig:
     """DataLoader processes per training worker (streaming path; decoding for the cache)."""
     data_cache: str = "auto"
     """auto | memory | device | off: hold the dataset decoded (uint8) in host memory or on
-    the training device and augment whole batches there (trainer.data_cache). auto: memory
+    the training device and augment whole batches there (trainer.data.cache). auto: memory
     (device with --use-gpu) when the decoded train and val data fit --data-cache-budget and
     all images share one size; else the streaming shard loader."""
     data_cache_budget: float = 4.0

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from featurestore.knn import KnnIndex, knn_evaluate
 from trainer.augment import build_batch_transform
-from trainer.cached_loader import CachedLoader
 from trainer.data import ShardIndex, eval_loader
-from trainer.data_cache import DecodedDataset
+from trainer.data.cache import DecodedDataset
+from trainer.data.memory_loader import CachedLoader
 from trainer.transforms import build_transform
 
 logger = logging.getLogger(__name__)

@@ -27,13 +27,14 @@ from torch import nn
 from tqdm import tqdm
 
 from featurestore import MemoryBank
+from featurestore.files import is_url
 from trainer.augment import build_batch_transform
-from trainer.cached_loader import CachedLoader
 from trainer.checkpoints import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import ShardIndex, train_loader
-from trainer.data_cache import load_decoded
-from trainer.epoch_plan import _mix
+from trainer.data.cache import load_decoded
+from trainer.data.memory_loader import CachedLoader
+from trainer.data.order import _mix
 from trainer.evaluation import EvalSetup, Split, evaluate, index_from_export
 from trainer.guard import DivergenceWatch, TrainingStoppedError
 from trainer.metrics import append_jsonl, truncate_jsonl_after
@@ -171,7 +172,7 @@ def resume(w: Worker) -> tuple[int, int]:
     # A worker killed right after reporting can restart before the controller registered
     # that report: then the newest complete checkpoint of this launch on disk is the truth.
     on_disk = None
-    if "://" not in w.plan.storage_path:
+    if not is_url(w.plan.storage_path):
         on_disk = latest_checkpoint(Path(w.plan.storage_path) / w.plan.run_name)
     source = on_disk or restart or w.plan.resume_from
     if not source:

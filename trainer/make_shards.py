@@ -3,7 +3,7 @@
     python -m trainer.make_shards SRC OUT [--shard-size N] [--split train|test] [--overwrite]
 
 ``SRC`` is an ImageFolder root, a ``cifar-10-batches-py`` directory or the name of the built-in
-dataset (``digits``); see :mod:`trainer.datasets`. Output in ``OUT``:
+dataset (``digits``); see :mod:`trainer.data.sources`. Output in ``OUT``:
 
 - ``shard-000000.tar`` ...: one webdataset sample per image, key = the dense instance id
   zero-padded to (at least) 9 digits, fields ``<ext>`` = the original image bytes (never
@@ -56,7 +56,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from trainer.datasets import (
+from featurestore.files import write_atomic
+from trainer.data.sources import (
     BUILTIN_DATASETS,
     BUILTIN_PREFIX,
     SPLITS,
@@ -217,16 +218,6 @@ def _existing_output(out: Path) -> list[Path]:
     return sorted(out.glob(SHARD_GLOB)) + [p for p in marks if p.exists()]
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through ``write(tmp)`` to a temporary name in the same dir, then rename."""
-    tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _ensure_open_files(n: int) -> None:
     """Raise the soft open-file limit when ``n`` shards must be open at once."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -379,9 +370,9 @@ def _write_outputs(
 ) -> None:
     """index.parquet, skipped.txt, then dataset.json (last: it marks completion)."""
     table = pa.table(rows, schema=INDEX_SCHEMA)
-    _write_atomic(out / "index.parquet", lambda p: pq.write_table(table, p))
+    write_atomic(out / "index.parquet", lambda p: pq.write_table(table, p), PARTIAL_SUFFIX)
     lines = "".join(f"{path}\t{reason}\n" for path, reason in skipped)
-    _write_atomic(out / "skipped.txt", lambda p: p.write_text(lines, encoding="utf-8"))
+    write_atomic(out / "skipped.txt", lambda p: p.write_text(lines, "utf-8"), PARTIAL_SUFFIX)
     meta = {
         "format": "npid-webdataset",
         "format_version": FORMAT_VERSION,
@@ -400,7 +391,7 @@ def _write_outputs(
         "shard_counts": list(counts),
     }
     text = json.dumps(meta, indent=2) + "\n"
-    _write_atomic(out / "dataset.json", lambda p: p.write_text(text, encoding="utf-8"))
+    write_atomic(out / "dataset.json", lambda p: p.write_text(text, "utf-8"), PARTIAL_SUFFIX)
 
 
 def ensure_builtin_dataset(

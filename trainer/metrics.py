@@ -13,6 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from featurestore.files import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 #: Names the Grafana dashboard and the monitoring test rely on.
@@ -100,7 +102,5 @@ def truncate_jsonl_after(path: str | os.PathLike, step: int) -> None:
     kept = [r for r in records if int(r.get("step", 0)) <= step]
     if len(kept) == len(records):
         return
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     logger.info("metrics.jsonl: dropped %d records after step %d", len(records) - len(kept), step)

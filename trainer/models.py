@@ -26,8 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from featurestore.files import write_atomic
 
 ARCHS: tuple[str, ...] = ("resnet18", "resnet50", "small", "small-wide")
 """Accepted values of ``arch``."""
@@ -302,20 +303,6 @@ def rebuild_recipe(config: EncoderConfig) -> dict[str, Any]:
     return {"build": build, "python": "\n".join(lines)}
 
 
-def _write_atomic(final: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temp path beside ``final``, fsync, then ``os.replace`` it."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export_encoder(
     model: nn.Module,
     config: EncoderConfig,
@@ -370,8 +357,8 @@ def export_encoder(
     text = json.dumps(document, indent=2, sort_keys=False) + "\n"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
-    _write_atomic(out / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomic(out / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
+    write_atomic(out / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return out / CONFIG_FILE
 
 

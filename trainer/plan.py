@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from featurestore.files import is_url
 from featurestore.objectives import NCE, Objective, SampledSoftmax, Softmax
 from trainer.checkpoints import (
     TrainState,
@@ -25,7 +26,7 @@ from trainer.checkpoints import (
 )
 from trainer.config import RESUME_KEYS, SOFTMAX_AUTO_MAX_ROWS, ConfigError, TrainConfig
 from trainer.data import ShardIndex
-from trainer.data_cache import decoded_bytes
+from trainer.data.cache import decoded_bytes
 from trainer.make_shards import ensure_builtin_dataset
 from trainer.transforms import DEFAULT_SIZE
 
@@ -74,16 +75,12 @@ class RunPlan:
         return Objective.from_dict(self.objective)
 
 
-def _is_url(location: str) -> bool:
-    return "://" in location or location.startswith("pipe:")
-
-
 def _absolute(location: str) -> str:
-    return location if _is_url(location) else os.path.abspath(location)
+    return location if is_url(location) else os.path.abspath(location)
 
 
 def _load_index(location: str, flag: str) -> ShardIndex:
-    if not _is_url(location):
+    if not is_url(location):
         path = Path(location)
         if not path.exists():
             raise ConfigError(f"{flag} {location}: no such directory")

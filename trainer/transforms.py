@@ -9,7 +9,7 @@ The presets follow the reference lemniscate code (Wu et al. 2018):
 - ``"imagenet"`` train: ``RandomResizedCrop(224, scale=(0.2, 1))`` and the same jitter,
   grayscale and flip, ImageNet mean/std; test: ``Resize(256)`` + ``CenterCrop(224)``.
 - ``"digits"``: the tiny built-in dataset (scikit-learn's 8x8 digits, see
-  :mod:`trainer.datasets`). Train: ``RandomResizedCrop(32, scale=(0.5, 1))`` (which also
+  :mod:`trainer.data.sources`). Train: ``RandomResizedCrop(32, scale=(0.5, 1))`` (which also
   upsamples 8x8 to 32x32), a mild brightness/contrast jitter, no flip (digits are not mirror
   invariant); test: ``Resize((32, 32))``. Light on purpose, so the small encoder learns the
   digits in minutes on a CPU.

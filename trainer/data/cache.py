@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.data import ShardIndex, eval_loader
+from featurestore.files import is_url
+from trainer.data.index import ShardIndex
+from trainer.data.stream import eval_loader
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def fingerprint(index: ShardIndex) -> str:
         h.update(index.location.read_bytes(name))
     for shard in index.shards:
         url = index.location.url(shard)
-        if "://" not in url and not url.startswith("pipe:"):
+        if not is_url(url):
             stat = os.stat(url)
             h.update(f"{shard}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         else:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from trainer.shard_io import DatasetLocation
+from trainer.data.shard_files import DatasetLocation
 
 # --------------------------------------------------------------------------- index
 

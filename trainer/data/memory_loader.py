@@ -2,12 +2,12 @@
 
 :class:`CachedLoader` is the in-memory twin of :class:`trainer.data.ShardLoader` (same
 interface: ``set_epoch``, ``len``, iteration over ``(images, ids, labels)``,
-``epoch_skipped``) for datasets held as uint8 pixels (:mod:`trainer.data_cache`):
+``epoch_skipped``) for datasets held as uint8 pixels (:mod:`trainer.data.cache`):
 
 - **training**: every epoch is a uniformly random permutation of the instances that decode,
   drawn from ``(seed, epoch)``, exactly what ``DataLoader(shuffle=True)`` gives; rank ``r`` of
   ``W`` takes positions ``[r*n//W, (r+1)*n//W)`` of it and yields
-  :func:`~trainer.epoch_plan.steps_per_epoch` full batches of ``B`` (a rank short of
+  :func:`~trainer.data.order.steps_per_epoch` full batches of ``B`` (a rank short of
   ``steps * B`` samples repeats a few of its own, as the shard loader does);
 - **evaluation**: ids in order, rank ``r`` takes ids ``[r*N//W, (r+1)*N//W)``;
 - each batch is gathered where the pixels are (host or device), moved to ``device`` (pinned,
@@ -23,8 +23,8 @@ from collections.abc import Iterator
 import torch
 
 from trainer.augment import BatchTransform
-from trainer.data_cache import DecodedDataset
-from trainer.epoch_plan import _SALT_AUGMENT, _SALT_PLAN, _mix, steps_per_epoch
+from trainer.data.cache import DecodedDataset
+from trainer.data.order import _SALT_AUGMENT, _SALT_PLAN, _mix, steps_per_epoch
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -14,7 +14,7 @@ Routes (JSON in and out; errors are ``{"error": "message"}`` with a 4xx status):
 ``GET /metrics``          Prometheus text: ``npid_knn_service_*``
 ========================  ==============================================================
 
-Query vectors are L2-normalized before the search (see :mod:`knn_service.payload`).
+Query vectors are L2-normalized before the search (see :mod:`knn_service.request_parsing`).
 Bounds: the body size (413), ``k`` in ``[1, min(max_k, rows)]`` (400), the number of queries
 per request (413), decoded image pixels (413); POST bodies must be ``application/json`` (415).
 With an API token every route but ``/healthz`` needs ``Authorization: Bearer <token>``
@@ -34,7 +34,6 @@ import functools
 import hmac
 import json
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,10 +50,10 @@ from prometheus_client import (
     generate_latest,
 )
 
-from knn_service.payload import RequestError, parse_json, parse_query
-from knn_service.service import IndexState, KnnService
+from knn_service.query_engine import IndexState, KnnService
+from knn_service.request_parsing import RequestError, parse_json, parse_query
 
-__all__ = ["AppSettings", "ServerThread", "ServiceMetrics", "build_app"]
+__all__ = ["AppSettings", "ServiceMetrics", "build_app", "start_site"]
 
 logger = logging.getLogger(__name__)
 
@@ -391,44 +390,3 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
         raise
     bound = runner.addresses[0][1]
     return runner, int(bound)
-
-
-class ServerThread:
-    """Serve an app from a background thread with its own event loop (tests, notebooks).
-
-    ``start()`` returns once the socket listens; ``stop()`` shuts the app down.
-    """
-
-    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.app = app
-        self.host = host
-        self.port = port
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="knn-http", daemon=True)
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> ServerThread:
-        self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(
-            start_site(self.app, self.host, self.port), self._loop
-        )
-        self._runner, self.port = future.result(timeout=30)
-        return self
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
-            self._runner = None
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
-        self._loop.close()
-
-    def __enter__(self) -> ServerThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -1,6 +1,6 @@
 """The kNN query service's core: an index of the bank, rebuilt on demand, and its queries.
 
-No HTTP here (see :mod:`knn_service.app`). :class:`KnnService` holds an :class:`IndexState`
+No HTTP here (see :mod:`knn_service.http_app`). :class:`KnnService` holds an :class:`IndexState`
 (a :class:`~knn_service.KnnIndex` over the bank's rows and when it was built). A rebuild
 (:meth:`KnnService.refresh`) streams the rows from a source (``store.export``) into a new
 index while queries keep using the old one; the new state then replaces the old in one
@@ -8,7 +8,7 @@ reference assignment, so a query sees either the old or the new index, never a m
 
 Labels, keys and source paths of the neighbours come from the training data's
 ``index.parquet`` (:class:`TrainLabels`); without it they are ``null`` and ``/classify`` is
-unavailable. Query vectors are L2-normalized (:mod:`knn_service.payload`); image queries are
+unavailable. Query vectors are L2-normalized (:mod:`knn_service.request_parsing`); image queries are
 encoded with the service's :class:`~knn_service.encoders.Encoder` and its test transform.
 """
 
@@ -26,15 +26,15 @@ import torch
 
 from featurestore.knn.index import KnnIndex
 from featurestore.knn.vote import weighted_knn_vote
-from knn_service.dataset import TrainLabels
 from knn_service.encoders import Encoder
-from knn_service.payload import (
+from knn_service.request_parsing import (
     DEFAULT_MAX_PIXELS,
     Query,
     RequestError,
     check_k,
     decode_image_payload,
 )
+from knn_service.train_labels import TrainLabels
 
 __all__ = ["IndexState", "KnnService"]
 

@@ -20,11 +20,9 @@ from urllib.request import url2pathname
 
 import fsspec
 
+from featurestore.files import is_url
+
 # --------------------------------------------------------------------------- locations
-
-
-def _is_local(location: str) -> bool:
-    return len(urlparse(location).scheme) <= 1  # "" or a Windows drive letter
 
 
 def _webdataset():
@@ -39,7 +37,7 @@ def open_url(url: str) -> BinaryIO:
     """Open a local path, ``file://``, ``pipe:`` or fsspec/webdataset URL for binary reading."""
     if url.startswith("pipe:"):
         return _webdataset().gopen(url, "rb")
-    if _is_local(url):
+    if not is_url(url):
         return open(url, "rb", buffering=1 << 20)
     parsed = urlparse(url)
     if parsed.scheme == "file":
@@ -72,7 +70,7 @@ class DatasetLocation:
         """The URL (or path) of file ``name`` of the dataset."""
         if self.location.startswith("pipe:"):
             return self.location.replace("{}", name)
-        if _is_local(self.location):
+        if not is_url(self.location):
             return os.path.join(self.location, name)
         return self.location.rstrip("/") + "/" + name
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from trainer.shard_index import ShardIndex
+from trainer.data.index import ShardIndex
 
 _SALT_PLAN, _SALT_BUFFER, _SALT_AUGMENT = 0x5EED01, 0x5EED02, 0x5EED03
 

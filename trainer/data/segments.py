@@ -14,9 +14,9 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from trainer.epoch_plan import Segment
-from trainer.shard_index import ShardIndex
-from trainer.shard_io import _ShardCursor, _TarError
+from trainer.data.index import ShardIndex
+from trainer.data.order import Segment
+from trainer.data.shard_files import _ShardCursor, _TarError
 
 logger = logging.getLogger(__name__)
 

@@ -4,12 +4,12 @@ This module holds the per-worker stream (:class:`ShardStream`), the loader aroun
 (:class:`ShardLoader`) and its constructors :func:`train_loader` and :func:`eval_loader`. The
 parts live in modules of their own and are re-exported here:
 
-- :mod:`trainer.shard_io`: dataset locations (directory, URL, ``pipe:`` template), URL
+- :mod:`trainer.data.shard_files`: dataset locations (directory, URL, ``pipe:`` template), URL
   opening, the tar reader;
-- :mod:`trainer.shard_index`: :class:`ShardIndex`, a dataset's metadata;
-- :mod:`trainer.epoch_plan`: segments, epoch orders and plans, :func:`steps_per_epoch`;
-- :mod:`trainer.segment_reader`: reading segments of shards, skipping corrupt samples;
-- :mod:`trainer.decoding`: :func:`decode_image`, :func:`to_rgb`, the batched tensor tail.
+- :mod:`trainer.data.index`: :class:`ShardIndex`, a dataset's metadata;
+- :mod:`trainer.data.order`: segments, epoch orders and plans, :func:`steps_per_epoch`;
+- :mod:`trainer.data.segments`: reading segments of shards, skipping corrupt samples;
+- :mod:`trainer.data.decode`: :func:`decode_image`, :func:`to_rgb`, the batched tensor tail.
 
 Batches are ``(images, ids, labels)``: ``images`` float ``[B, 3, H, W]`` (the transform's
 output), ``ids`` int64 ``[B]`` (instance ids), ``labels`` int64 ``[B]`` (``-1`` = unknown).
@@ -17,7 +17,7 @@ Every image becomes RGB first (:func:`decode_image`, any PIL mode including ``I;
 
 **Training epochs** (:func:`train_loader`). Rank ``r`` of ``W`` takes its part of the epoch
 order (shards shuffled and rotated from ``(seed, epoch)``, ranks balanced to within one sample;
-see :mod:`trainer.epoch_plan`). Every rank yields exactly :func:`steps_per_epoch`
+see :mod:`trainer.data.order`). Every rank yields exactly :func:`steps_per_epoch`
 ``= ceil(ceil(N / W) / B)`` full batches of ``B``: a rank short of ``steps * B`` samples tops
 its last batches up with repeats of a few of its own samples (fewer than ``B + 1`` per rank),
 so every instance is visited at least once per epoch and no rank waits for another in DDP.
@@ -57,14 +57,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import ToTensor
 
-from trainer.decoding import (
+from trainer.data.decode import (
     _BadSampleError,
     _image_and_label,
     _TensorTail,
     _uint8_hwc,
     decode_image,
 )
-from trainer.epoch_plan import (
+from trainer.data.index import ShardIndex, load_index
+from trainer.data.order import (
     _SALT_AUGMENT,
     _SALT_BUFFER,
     Segment,
@@ -75,12 +76,11 @@ from trainer.epoch_plan import (
     plan_epoch,
     steps_per_epoch,
 )
-from trainer.segment_reader import (
+from trainer.data.segments import (
     _LOGGED_SKIPS,
     _SegmentReader,
     _SkipCounter,
 )
-from trainer.shard_index import ShardIndex, load_index
 
 logger = logging.getLogger(__name__)
 
