@@ -77,7 +77,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Path]:
     step = max(1, len(files) // args.num_images)
     chosen = files[::step][: args.num_images]
     bench = args.work_dir / "bench_loader"
-    subset, shards = bench / f"subset-{len(chosen)}", bench / f"shards-{len(chosen)}"
+    subset = bench / f"subset-{len(chosen)}"
+    shards = bench / f"shards-{len(chosen)}-{args.shard_size}"
     if not (shards / "dataset.json").is_file():
         shutil.rmtree(bench, ignore_errors=True)
         for f in chosen:

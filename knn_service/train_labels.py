@@ -8,15 +8,13 @@ a few instances (the retrieval figure) by streaming only the shards that hold th
 from __future__ import annotations
 
 import os
-import tarfile
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from trainer.api import IMAGE_FIELDS, ShardIndex, load_index, open_url, read_index_table
+from trainer.api import ShardIndex, load_index, read_index_table, read_shard_images
 
 __all__ = ["TrainLabels", "read_image_bytes"]
 
@@ -76,33 +74,10 @@ def _strings(column: pa.ChunkedArray, order: np.ndarray) -> list[str]:
 
 
 def read_image_bytes(data: TrainLabels, ids: Iterable[int]) -> dict[int, bytes]:
-    """The original image file of each of ``ids`` (as stored in the shards).
-
-    Streams each shard holding a wanted id once, up to its last wanted sample.
+    """The original image file of each of ``ids`` (as stored in the shards), read with the
+    trainer's shard reader.
 
     Raises:
         ValueError: an id outside ``[0, N)``, or a wanted sample missing from its shard.
     """
-    wanted = sorted({int(i) for i in ids})
-    n = data.num_instances
-    bad = [i for i in wanted if not 0 <= i < n]
-    if bad:
-        raise ValueError(f"ids {bad[:5]} are outside [0, {n}) of {data.location}")
-    by_shard: dict[int, dict[str, int]] = defaultdict(dict)
-    for i in wanted:
-        by_shard[int(data.index.id_shard[i])][data.keys[i]] = i
-    found: dict[int, bytes] = {}
-    for shard, need in sorted(by_shard.items()):
-        url = data.index.shard_url(shard)
-        with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-                if member.isfile() and key in need and ext.lower() in IMAGE_FIELDS:
-                    handle = tar.extractfile(member)
-                    assert handle is not None
-                    found[need.pop(key)] = handle.read()
-                    if not need:
-                        break
-        if need:
-            raise ValueError(f"{url} lacks the images of ids {sorted(need.values())[:5]}")
-    return found
+    return read_shard_images(data.index, ids)

@@ -529,3 +529,27 @@ def test_the_number_of_classes_rule_lives_on_the_index():
 )
 def test_the_augmentation_preset_follows_the_images(meta, preset):
     assert _index([0], meta=meta).preset == preset
+
+
+def test_read_image_bytes_returns_the_stored_files_of_any_ids(uneven):
+    from trainer.data.segments import read_image_bytes
+
+    index = ShardIndex.load(uneven)
+    got = read_image_bytes(index, [44, 0, 31, 33, 31])
+    assert sorted(got) == [0, 31, 33, 44]
+    for i, data in got.items():
+        assert data == _png(_color(i))  # the bytes TarWriter stored, not re-encoded
+    assert read_image_bytes(index, []) == {}
+    with pytest.raises(ValueError, match=r"ids \[45\] are outside \[0, 45\)"):
+        read_image_bytes(index, [3, 45])
+
+
+def test_read_image_bytes_names_a_damaged_or_mismatched_shard(uneven):
+    from trainer.data.segments import read_image_bytes
+
+    index = ShardIndex.load(uneven)
+    last = uneven / "shard-000003.tar"
+    last.write_bytes(last.read_bytes()[:4096])  # truncated after its first sample
+    with pytest.raises(ValueError, match=r"shard-000003\.tar"):
+        read_image_bytes(index, [44])
+    assert read_image_bytes(index, [34]).keys() == {34}  # its first sample is intact

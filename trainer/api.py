@@ -10,9 +10,9 @@ contract in ``pyproject.toml`` keeps it so.
 from trainer.checkpoints import STATE_FILE, latest_checkpoint, load_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import eval_loader
-from trainer.data.decode import IMAGE_FIELDS, decode_image
+from trainer.data.decode import decode_image
 from trainer.data.index import ShardIndex, load_index, read_index_table
-from trainer.data.shard_files import open_url
+from trainer.data.segments import read_image_bytes as read_shard_images
 from trainer.evaluation import EVAL_BATCH, extract_features, index_from_export, knn_accuracy
 from trainer.models import (
     CONFIG_FILE,
@@ -27,7 +27,6 @@ __all__ = [
     "CONFIG_FILE",
     "DEFAULT_SIZE",
     "EVAL_BATCH",
-    "IMAGE_FIELDS",
     "PRESETS",
     "STATE_FILE",
     "EncoderConfig",
@@ -44,7 +43,7 @@ __all__ = [
     "load_checkpoint",
     "load_encoder",
     "load_index",
-    "open_url",
     "read_export_config",
     "read_index_table",
+    "read_shard_images",
 ]

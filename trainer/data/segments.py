@@ -109,3 +109,47 @@ def _position(ids: np.ndarray, key: str) -> int | None:
     iid = int(key)
     pos = int(np.searchsorted(ids, iid))
     return pos if pos < len(ids) and ids[pos] == iid else None
+
+
+def read_image_bytes(index: ShardIndex, ids: Iterable[int]) -> dict[int, bytes]:
+    """The stored image file of each of ``ids`` (``{id: bytes}``), as make_shards wrote it.
+
+    Each shard holding a wanted id is read once, with the trainer's tar reader, up to its
+    last wanted sample (samples before it are skipped without reading their data).
+
+    Raises:
+        ValueError: an id outside ``[0, N)``, or a shard whose sample at an id's position is
+            missing, has another key or holds no image (the message names the shard).
+    """
+    from trainer.data.decode import IMAGE_FIELDS
+
+    wanted = sorted({int(i) for i in ids})
+    n = index.num_instances
+    bad = [i for i in wanted if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"ids {bad[:5]} are outside [0, {n}) of {index.location.location}")
+    by_shard: dict[int, dict[int, int]] = {}
+    for i in wanted:
+        by_shard.setdefault(int(index.id_shard[i]), {})[int(index.id_pos[i])] = i
+    found: dict[int, bytes] = {}
+    for shard, need in sorted(by_shard.items()):
+        url = index.shard_url(shard)
+        cursor = _ShardCursor(url)
+        try:
+            for pos in range(max(need) + 1):
+                key = cursor.peek_key()
+                if key is None:
+                    raise ValueError(f"{url} ends before the sample of id {need.get(pos, pos)}")
+                fields = cursor.take(read=pos in need)
+                if pos not in need:
+                    continue
+                i = need[pos]
+                image = next((fields[e] for e in IMAGE_FIELDS if e in fields), None)
+                if not key.isdigit() or int(key) != i or image is None:
+                    raise ValueError(f"{url}: sample {pos} ({key!r}) is not the image of id {i}")
+                found[i] = image
+        except _TarError as exc:
+            raise ValueError(f"{url} is damaged: {exc}") from None
+        finally:
+            cursor.close()
+    return found
