@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_loop import PlainRecipe, run  # noqa: E402
 
-from trainer.config import parse_config  # noqa: E402
+from trainer.flags import parse_config  # noqa: E402
 from trainer.plan import make_plan  # noqa: E402
 
 TOLERANCE = 0.015

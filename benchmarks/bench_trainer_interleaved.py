@@ -91,7 +91,7 @@ def main() -> None:
     import ray
 
     from trainer import driver
-    from trainer.config import parse_config
+    from trainer.flags import parse_config
     from trainer.plan import make_plan
 
     variants = 1 + len(args.num_shards)

@@ -13,6 +13,9 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+#: Largest request body the HTTP service accepts unless --max-body-bytes says otherwise.
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
 __all__ = [
     "OneLineParser",
     "UsageError",

@@ -28,21 +28,12 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from featurestore.knn import KnnIndex
 from knn_service.cli import OneLineParser, UsageError, positive_float, positive_int, run
-from knn_service.encoders import Encoder, load_encoder_from
-from trainer.api import (
-    EVAL_BATCH,
-    ShardIndex,
-    eval_loader,
-    extract_features,
-    index_from_export,
-    knn_accuracy,
-)
+
+if TYPE_CHECKING:
+    from knn_service.encoders import Encoder
 
 logger = logging.getLogger("knn_service.eval")
 
@@ -69,13 +60,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--temperature", type=positive_float, default=None, help="vote temperature (0.07)"
     )
-    p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH, help="encoding batch")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="encoding batch (default: the trainer's evaluation batch, 256)",
+    )
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     return p
 
 
 def _load_index(location: str, flag: str):
+    from trainer.api import ShardIndex  # heavy imports here: --help stays fast
+
     try:
         return ShardIndex.load(location)
     except (OSError, ValueError) as exc:
@@ -83,6 +81,9 @@ def _load_index(location: str, flag: str):
 
 
 def _encode(encoder: Encoder, index, batch_size: int, num_workers: int):
+    from trainer.api import EVAL_BATCH, eval_loader, extract_features
+
+    batch_size = batch_size or EVAL_BATCH
     """``(features [N, d], seen [N])`` of every instance of ``index`` (trainer's function)."""
     loader = eval_loader(index, batch_size, encoder.transform, num_workers=num_workers)
     return extract_features(encoder.model, loader, index.num_instances, encoder.dim, encoder.device)
@@ -122,6 +123,13 @@ def _bank_batches(args: argparse.Namespace, dim: int, num_rows: int):
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation described by parsed ``args``; returns the printed record."""
+    import torch
+
+    from featurestore.knn import KnnIndex
+    from knn_service.encoders import load_encoder_from
+    from trainer.api import EVAL_BATCH, ShardIndex, index_from_export, knn_accuracy
+
+    args.batch_size = args.batch_size or EVAL_BATCH
     if not (args.recompute or args.store_name or args.snapshot):
         raise UsageError(
             "the train features are the bank: pass --store-name or --snapshot, or --recompute"

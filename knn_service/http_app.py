@@ -50,6 +50,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from knn_service.cli import DEFAULT_MAX_BODY_BYTES
 from knn_service.query_engine import IndexState, KnnService
 from knn_service.request_parsing import RequestError, parse_json, parse_query
 
@@ -57,7 +58,6 @@ __all__ = ["AppSettings", "ServiceMetrics", "build_app", "start_site"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 OPEN_ROUTES = frozenset({"/healthz"})
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _dumps = functools.partial(json.dumps, allow_nan=False, separators=(",", ":"))

@@ -27,19 +27,20 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from knn_service.cli import (
+    DEFAULT_MAX_BODY_BYTES,
     OneLineParser,
     UsageError,
     non_negative_float,
     port_number,
     positive_int,
 )
-from knn_service.encoders import load_encoder_from
-from knn_service.http_app import DEFAULT_MAX_BODY_BYTES, AppSettings, build_app, start_site
-from knn_service.query_engine import KnnService
-from knn_service.train_labels import TrainLabels
+
+if TYPE_CHECKING:  # the heavy modules are imported when serving starts: --help stays fast
+    from knn_service.http_app import AppSettings
+    from knn_service.query_engine import KnnService
 
 logger = logging.getLogger("knn_service.serve")
 
@@ -50,7 +51,12 @@ DEFAULT_NAMESPACE = "npid"  # featurestore.store.DEFAULT_NAMESPACE (not imported
 
 def parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    p = OneLineParser(prog=PROG, description="HTTP kNN queries over the feature store's bank.")
+    p = OneLineParser(
+        prog=PROG,
+        description="HTTP kNN queries over the feature store's bank.",
+        epilog=f"Authentication: set {TOKEN_ENV} to require 'Authorization: Bearer <token>' "
+        "on every route but /healthz (unset or empty: no token).",
+    )
     p.add_argument("--store-name", required=True, help="name of the running feature store")
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Ray namespace of the store")
     p.add_argument("--train-data", help="training shards (labels, keys; enables /classify)")
@@ -78,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> AppSettings:
     """HTTP settings; the API token comes from ``NPID_API_TOKEN`` (unset or empty: off)."""
+    from knn_service.http_app import AppSettings
+
     return AppSettings(
         max_body_bytes=args.max_body_bytes,
         refresh_seconds=args.refresh_seconds,
@@ -94,6 +102,10 @@ def build_service(args: argparse.Namespace) -> tuple[KnnService, Any]:
     Raises:
         UsageError: a bad input (message names it).
     """
+    from knn_service.encoders import load_encoder_from
+    from knn_service.query_engine import KnnService
+    from knn_service.train_labels import TrainLabels
+
     train = None
     if args.train_data is not None:
         try:
@@ -141,6 +153,8 @@ def build_service(args: argparse.Namespace) -> tuple[KnnService, Any]:
 
 async def serve(service: KnnService, settings: AppSettings, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM."""
+    from knn_service.http_app import build_app, start_site
+
     app = build_app(service, settings)
     runner, bound = await start_site(app, host, port)
     stop = asyncio.Event()

@@ -21,15 +21,12 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from PIL import Image
-
-from featurestore.files import write_atomic
 from knn_service.cli import OneLineParser, UsageError, non_negative_int, positive_int, run
-from knn_service.figures import Tile, retrieval_grid, training_curves
+
+if TYPE_CHECKING:  # numpy, torch and PIL load when a figure is drawn: --help stays fast
+    from PIL import Image
 
 logger = logging.getLogger("knn_service.show")
 
@@ -71,6 +68,8 @@ def _check_out(out: str) -> Path:
 
 def _save_png(image: Image.Image, path: Path) -> None:
     """Write to a temp name beside ``path``, then rename (no half-written figures)."""
+    from featurestore.files import write_atomic
+
     write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
@@ -104,8 +103,12 @@ def _label_name(data: Any, label: int) -> str:
 
 def show_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     """Draw the retrieval grid; returns a summary."""
+    import numpy as np
+    import torch
+
     from featurestore.knn.index import KnnIndex
     from knn_service.encoders import load_encoder_from
+    from knn_service.figures import Tile, retrieval_grid
     from knn_service.train_labels import read_image_bytes
     from trainer.api import decode_image, eval_loader, extract_features
 
@@ -195,6 +198,8 @@ def show_curves(args: argparse.Namespace) -> dict[str, Any]:
     out = _check_out(args.out)
     records = _read_metrics(args.metrics)
     try:
+        from knn_service.figures import training_curves
+
         image = training_curves(records, args.width, args.height)
     except ValueError as exc:
         raise UsageError(f"--width/--height: {exc}") from None

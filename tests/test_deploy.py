@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from trainer.config import TrainConfig, build_parser, parse_config
+from trainer.config import TrainConfig
+from trainer.flags import build_parser, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

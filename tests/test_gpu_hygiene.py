@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from generated_images import colour_class_folder
 
 from trainer.checkpoints import latest_checkpoint, load_checkpoint
-from trainer.config import ConfigError, TrainConfig, parse_config
+from trainer.config import ConfigError, TrainConfig
 from trainer.evaluation import extract_features
+from trainer.flags import parse_config
 from trainer.loop import build_optimizer
 from trainer.make_shards import make_shards
 from trainer.metrics import read_jsonl

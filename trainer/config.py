@@ -8,14 +8,10 @@ with ``-`` or ``_``); flags given on the command line win over the file.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 OBJECTIVES = ("auto", "nce", "softmax", "sampled-softmax")
 ARCHS = ("auto", "small", "small-wide", "resnet18", "resnet50")
@@ -302,89 +298,3 @@ class TrainConfig:
 #: Settings a resumed run must share with the checkpoint it resumes.
 RESUME_KEYS = ("data", "arch", "low_dim", "objective", "nce_k", "nce_t", "nce_m", "nce_z",
                "prox_lambda", "seed", "store_dtype", "resolved_bank")  # fmt: skip
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI parser; every default is None so that the YAML file can fill it."""
-    p = argparse.ArgumentParser(
-        prog="python -m trainer.run",
-        description="Train an image encoder by non-parametric instance discrimination.",
-    )
-    add = p.add_argument
-    add("--config", help="YAML file with any of the settings below")
-    add("--data", help=f"training shards (dir or URL), or '{BUILTIN}' (default)")
-    add("--val-data", help="validation shards for kNN evaluation")
-    add("--output", help="output directory (default runs/npid)")
-    add("--arch", choices=ARCHS)
-    add("--low-dim", type=int)
-    add(
-        "--objective",
-        choices=OBJECTIVES,
-        help=f"auto: the exact softmax up to {SOFTMAX_AUTO_MAX_ROWS:,} instances, "
-        "the sampled softmax above",
-    )
-    add("--nce-k", type=int, help="noise samples per positive; 0 = exact softmax")
-    add("--nce-t", type=float, help="temperature τ")
-    add("--nce-m", type=float, help="memory bank momentum")
-    add(
-        "--nce-z",
-        choices=NCE_Z_MODES,
-        help="NCE's Z: ema (re-estimated every step) or fixed after the first (the paper's)",
-    )
-    add("--nce-z-momentum", type=float, help="momentum of --nce-z ema")
-    add("--prox-lambda", type=float)
-    add("--lr", type=float)
-    add("--momentum", type=float, help="SGD momentum")
-    add("--weight-decay", type=float)
-    add("--schedule", choices=SCHEDULES)
-    add("--warmup-epochs", type=int, help="linear learning-rate warm-up epochs")
-    add("--batch-size", type=int, help="global batch size")
-    add("--epochs", type=int)
-    add("--num-workers", type=int, help="Ray Train workers (DDP)")
-    add("--num-shards", type=int, help="feature store shards (default 1)")
-    add("--use-gpu", action="store_true", default=None)
-    add("--precision", choices=PRECISIONS, help="encoder forward: auto = bf16 on GPU, fp32 on CPU")
-    add("--compile", action="store_true", default=None, help="torch.compile the encoder")
-    add("--store-name", help="attach to a running store of this name")
-    add("--store-dtype", choices=("float32", "bfloat16", "float16"))
-    add("--store-gpus-per-shard", type=float, help="GPUs per store shard with --use-gpu")
-    add("--store-threads", type=int, help="torch threads per store shard (0 = auto)")
-    add("--bank", choices=("store", "local"), help="feature store service or in-process")
-    add("--launcher", choices=LAUNCHERS, help="ray (Ray Train) or local (this process, no Ray)")
-    add("--resume", action="store_true", default=None)
-    add("--eval-every", type=int, help="kNN evaluation every N epochs; 0 = never (benchmarks)")
-    add("--checkpoint-every", type=int)
-    add("--knn-k", type=int)
-    add("--max-failures", type=int)
-    add("--loader-workers", type=int)
-    add("--image-size", type=int)
-    add("--data-cache", choices=CACHE_MODES, help="hold the decoded dataset in memory/on device")
-    add("--data-cache-budget", type=float, help="GiB the decoded data may take (auto mode)")
-    add("--augment", choices=AUGMENTS, help="augmentation preset (auto: by image size)")
-    add("--seed", type=int)
-    add("--no-progress", dest="progress", action="store_false", default=None)
-    add("--storage-path", help="Ray Train storage path (local or s3://…)")
-    return p
-
-
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Flags (and ``--config`` YAML) -> :class:`TrainConfig`; raises :class:`ConfigError`."""
-    args = vars(build_parser().parse_args(argv))
-    values: dict[str, Any] = {}
-    path = args.pop("config")
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        try:
-            loaded = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path}: expected a mapping of settings")
-        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-    values.update({k: v for k, v in args.items() if v is not None})
-    try:
-        return TrainConfig.from_dict(values)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from None

@@ -281,7 +281,8 @@ def train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, f
         desc=f"epoch {epoch + 1}/{w.plan.epochs}",
         leave=False,
         unit="batch",
-        disable=w.rank != 0 or not w.cfg.progress,
+        # a bar on a terminal only: in a log (Ray workers, files) one line per epoch
+        disable=w.rank != 0 or not w.cfg.progress or not sys.stderr.isatty(),
     )
     batches = iter(bar)
     loading = 1 if w.device.type == "cpu" else None  # see _torch_threads

@@ -119,10 +119,10 @@ def resolve_objective(cfg: TrainConfig, num_rows: int) -> Objective:
             )
             kind = "sampled-softmax"
     if kind != "softmax" and cfg.nce_k >= num_rows:
-        if cfg.builtin and cfg.nce_k == DEFAULT_K:  # only with an explicit --objective
+        if cfg.nce_k == DEFAULT_K:  # the default K on a small dataset: no noise to sample
             logger.info(
-                "K=%d noise samples is not smaller than the %d training images: using the "
-                "exact softmax (pass --nce-k to choose)",
+                "the default K=%d noise samples is not smaller than the %d training images: "
+                "using the exact softmax (pass --nce-k to choose K)",
                 cfg.nce_k,
                 num_rows,
             )

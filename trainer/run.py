@@ -12,7 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from trainer.config import ConfigError, parse_config
+from trainer.config import ConfigError
+from trainer.flags import parse_config
 from trainer.guard import TrainingStoppedError
 from trainer.metrics import read_jsonl
 

@@ -413,6 +413,9 @@ def _import_faiss() -> ModuleType | None:
     global _faiss_module, _faiss_tried
     if not _faiss_tried:
         _faiss_tried = True
+        # faiss.loader logs each instruction set it tries (a ModuleNotFoundError for AVX512
+        # on most CPUs) at INFO: import noise, not news.
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
         try:
             import faiss
 

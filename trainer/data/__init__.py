@@ -13,11 +13,28 @@
 - :mod:`~trainer.data.sources`: the image sources ``python -m trainer.make_shards`` reads.
 """
 
-from trainer.data.decode import decode_image
-from trainer.data.index import ShardIndex, load_index
-from trainer.data.order import steps_per_epoch
-from trainer.data.shard_files import DatasetLocation, open_url
-from trainer.data.stream import eval_loader, train_loader
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.data.decode import decode_image
+    from trainer.data.index import ShardIndex, load_index
+    from trainer.data.order import steps_per_epoch
+    from trainer.data.shard_files import DatasetLocation, open_url
+    from trainer.data.stream import eval_loader, train_loader
+
+#: Each public name and its module, imported on first use (``import trainer.data.sources``
+#: for ``make_shards --help`` then loads no torch).
+_HOMES = {
+    "DatasetLocation": "trainer.data.shard_files",
+    "ShardIndex": "trainer.data.index",
+    "decode_image": "trainer.data.decode",
+    "eval_loader": "trainer.data.stream",
+    "load_index": "trainer.data.index",
+    "open_url": "trainer.data.shard_files",
+    "steps_per_epoch": "trainer.data.order",
+    "train_loader": "trainer.data.stream",
+}
 
 __all__ = [
     "DatasetLocation",
@@ -29,3 +46,9 @@ __all__ = [
     "steps_per_epoch",
     "train_loader",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'trainer.data' has no attribute {name!r}")

@@ -1,0 +1,80 @@
+"""What a new user meets in the first hour, tried from the command line: zero epochs or
+batch size, ``--help`` (every flag explained with its default, fast because it loads no
+torch), the token variable of the service, and a quiet log (no progress bars off a terminal,
+no FAISS import noise)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from generated_images import colour_class_folder
+
+from trainer.flags import build_parser
+from trainer.make_shards import make_shards
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--batch-size"])
+def test_zero_epochs_or_batch_size_is_one_line_and_exit_2(flag):
+    result = _cli("-m", "trainer.run", flag, "0")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: {flag} must be >= 1 (leave it out for the dataset's default)"
+    )
+
+
+def test_every_trainer_flag_is_explained_with_its_default():
+    for action in build_parser()._actions:
+        if action.dest in ("help", "config"):
+            continue
+        assert action.help, f"{action.option_strings} has no help"
+    text = " ".join(_cli("-m", "trainer.run", "--help").stdout.split())  # one line
+    for expected in (
+        "--lr LR learning rate (SGD) (default: 0.03)",
+        "--low-dim LOW_DIM embedding size d (default: 128)",
+        "--knn-k KNN_K neighbours k of the kNN vote (default: 200)",
+        "--epochs EPOCHS epochs (default: 40 on the built-in data, 200 otherwise)",
+        "global batch size (default: 128 on the built-in data, 256 otherwise)",
+    ):
+        assert expected in text
+
+
+def test_the_commands_answer_help_without_loading_torch():
+    code = (
+        "import sys, trainer.flags, trainer.make_shards, knn_service.serve, knn_service.eval, "
+        "knn_service.show; print(sorted(m for m in ('torch', 'ray', 'faiss') if m in sys.modules))"
+    )
+    assert _cli("-c", code).stdout.strip() == "[]"
+    for module in ("trainer.run", "trainer.make_shards", "knn_service.serve", "knn_service.eval"):
+        result = _cli("-m", module, "--help")
+        assert result.returncode == 0 and "usage:" in result.stdout, module
+
+
+def test_serve_help_names_the_token_variable():
+    assert "NPID_API_TOKEN" in _cli("-m", "knn_service.serve", "--help").stdout
+
+
+def test_a_run_logged_to_a_file_has_no_progress_bars_and_no_faiss_noise(tmp_path):
+    src = colour_class_folder(tmp_path / "src", 48, seed=0)
+    make_shards(src, tmp_path / "shards", shard_size=40, progress=False)
+    result = _cli(
+        "-m", "trainer.run", "--launcher", "local", "--data", str(tmp_path / "shards"),
+        "--val-data", str(tmp_path / "shards"), "--output", str(tmp_path / "run"),
+        "--arch", "small", "--low-dim", "16", "--batch-size", "16", "--epochs", "2",
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "batch/s" not in log and "\r" not in log  # no tqdm bar: stderr is not a terminal
+    assert "swigfaiss" not in log and "Loading faiss" not in log
+    assert sum("'epoch': " in line for line in log.splitlines()) >= 2  # one line per epoch
