@@ -96,11 +96,11 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 def step_bytes(store: ShardedStore, feats, ids, objective) -> int:
     """Pickled bytes of every call (arguments + results) of one step."""
     store.step(feats, ids, objective)  # NCE's first step (Z estimate) is not measured
-    store.measure_transfer = True
-    store.transfer_bytes = {"sent": 0, "received": 0}
+    store.transfer.reset()
+    store.transfer.enabled = True
     store.step(feats, ids, objective)
-    store.measure_transfer = False
-    return store.transfer_bytes["sent"] + store.transfer_bytes["received"]
+    store.transfer.enabled = False
+    return store.transfer.bytes["sent"] + store.transfer.bytes["received"]
 
 
 def batch(n: int, b: int, d: int, seed: int = 0):

@@ -170,7 +170,7 @@ def test_attached_clients_draw_their_own_noise(make_store):
     """Two clients at the same step number do not draw the same noise ids."""
     store = make_store(num_rows=N, dim=D, num_shards=2, seed=6)
     other = ShardedStore.attach(store.name, namespace="npid-tests")
-    assert step_seed(6, 0) == step_seed(6, 0, 0) != step_seed(6, 0, other._client)
+    assert step_seed(6, 0) == step_seed(6, 0, 0) != step_seed(6, 0, other._steps.client)
     f, ids, _ = batch(6)
     objective = SampledSoftmax(num_negatives=K)
     rows = all_rows(store)
@@ -341,7 +341,7 @@ def test_bad_input_raises_value_error_and_leaves_store_unchanged(make_store):
     f, ids, _ = batch(12)
     with pytest.raises(ValueError, match=r"unknown objective.*shard 1 of store"):
         request = StepRequest(2, "r", ids, {"kind": "nope"}, None, None, 0, None)
-        store._call_shards("step", {1: (request, f)})
+        store._group.call("step", {1: (request, f)})
     assert torch.equal(all_rows(store), before)
 
 
