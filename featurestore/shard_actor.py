@@ -141,6 +141,10 @@ class StoreConfig:
         return "cuda" if self.num_gpus_per_shard > 0 else "cpu"
 
 
+#: How a shard that does not know a step's objective key starts its error message.
+UNKNOWN_OBJECTIVE = "unknown objective"
+
+
 class StepRequest(NamedTuple):
     """What a shard needs for one step, besides the features (one serialized argument)."""
 
@@ -151,8 +155,8 @@ class StepRequest(NamedTuple):
     request_id: str
     #: ``[B]`` int64 instance ids of the batch.
     ids: np.ndarray | Tensor
-    #: ``Objective.to_dict()``.
-    objective: dict[str, Any]
+    #: Key of the objective, registered once per shard (:meth:`ShardActor.register_objective`).
+    objective: str
     #: How to draw (or which are) the noise ids; None for the exact softmax.
     spec: NoiseSpec | None
     #: NCE's normalising constant for this step (None for other objectives).
@@ -236,6 +240,8 @@ class ShardActor:
         self._dtype = storage_dtype(config.dtype)
         self._lock = threading.Lock()
         self._recent: OrderedDict[str, Any] = OrderedDict()
+        #: Objectives clients registered, by key: a step names its objective, not sends it.
+        self._objectives: dict[str, Objective] = {}
         self._metrics = store_metrics()
         reconstructed = _was_reconstructed()
         rows, manifest = self._initial_rows(restore_uri, reconstructed)
@@ -330,6 +336,11 @@ class ShardActor:
         while len(self._recent) > RECENT_REQUESTS:
             self._recent.popitem(last=False)
 
+    def register_objective(self, key: str, objective: dict[str, Any]) -> tuple[ShardStamp, None]:
+        """Keep ``objective`` (``Objective.to_dict()``) under ``key`` for the steps naming it."""
+        self._objectives[key] = Objective.from_dict(objective)
+        return self.stamp, None
+
     def step(self, request: StepRequest, *feats: np.ndarray | Tensor) -> list[bytes]:
         """Score the features ``[B, d]`` against this shard's rows, then update the owned ids.
 
@@ -346,9 +357,11 @@ class ShardActor:
         self._metrics.count_request("step", self.shard)
         if request.request_id in self._recent:
             return wire.to_pieces((self.stamp, self._recent[request.request_id]), request.pieces)
+        obj = self._objectives.get(request.objective)
+        if obj is None:  # a restarted shard: the client registers it again and resends
+            raise LookupError(f"{UNKNOWN_OBJECTIVE} {request.objective!r}")
         feats = as_tensor(wire.join_rows([np.asarray(f) for f in feats]))
         ids = as_tensor(request.ids)
-        obj = Objective.from_dict(request.objective)
         noise = None
         if obj.sampled:
             assert request.spec is not None

@@ -65,18 +65,15 @@ class ShardedStore(RowCalls):
         snapshot_dir: where ``snapshot()`` writes without a URI, automatic snapshots go
             and restarted shards reload from: a local path (one node) or a URL every
             shard process can reach (``file://``, ``s3://`` …; not ``memory://``).
-        snapshot_every_steps: automatic snapshot every this many steps (0: never).
-        snapshot_every_seconds: automatic snapshot when this much time passed (0: never).
-        keep_snapshots: complete snapshots kept under ``snapshot_dir``.
-        snapshot_compression: Parquet codec of snapshot files (None: lz4 for 16-bit
-            storage, none for float32).
+        snapshot_every_steps, snapshot_every_seconds: automatic snapshots every this many
+            steps or seconds (0: never); keep_snapshots: complete ones kept.
+        snapshot_compression: Parquet codec (None: lz4 for 16-bit storage, else none).
         namespace: Ray namespace of the actors.
-        exist_ok: attach to a store of this name if one exists instead of raising (its
-            configuration is kept; ``num_rows``, ``dim`` and ``num_shards`` must match).
-        max_retries: retries of a call whose shard is unavailable (restarting).
-        retry_backoff_s: first retry delay; doubles each retry.
+        exist_ok: attach to an existing store of this name (its num_rows, dim, num_shards
+            must match).
+        max_retries, retry_backoff_s: retries of a call whose shard is restarting, and the
+            first delay (doubling).
         ready_timeout_s: how long to wait for the shards to start.
-
     Raises:
         ValueError: bad arguments, or a store called ``name`` exists (without ``exist_ok``).
     """
@@ -295,15 +292,21 @@ class ShardedStore(RowCalls):
 
     @property
     def z(self) -> float | None:
-        """NCE's normalising constant (None until the first NCE step estimates it)."""
-        self._check_open()
-        return self._group.control("state")[1]
+        """NCE's normalising constant as this client knows it (no remote call: from shard 0's
+        replies and this client's steps; :meth:`state` asks shard 0)."""
+        return self._steps.z
 
     @property
     def step_count(self) -> int:
-        """Steps taken by all clients of the store (the next step's number)."""
+        """The next step's number as this client knows it (no remote call: shard 0's
+        replies and this client's own steps; :meth:`state` asks shard 0)."""
+        return self._steps.next_step
+
+    def state(self) -> tuple[int, float | None]:
+        """``(step count, Z)`` of the whole store, asked of shard 0 (one remote call)."""
         self._check_open()
-        return int(self._group.control("state")[0])
+        step, z = self._group.control("state")
+        return int(step), z
 
     def step(
         self,

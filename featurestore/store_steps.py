@@ -11,6 +11,8 @@ the :class:`~featurestore.store_snapshots.SnapshotCoordinator` writes it off thi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import threading
@@ -24,7 +26,13 @@ from featurestore import wire
 from featurestore.bank import PendingStep, StepOutput
 from featurestore.noise import NoiseSpec, step_seed
 from featurestore.objectives import NCE, Objective
-from featurestore.shard_actor import StepControl, StepRequest, StoreConfig, unpack_stats
+from featurestore.shard_actor import (
+    UNKNOWN_OBJECTIVE,
+    StepControl,
+    StepRequest,
+    StoreConfig,
+    unpack_stats,
+)
 from featurestore.statistics import estimate_z, merge, observed_z
 from featurestore.store_snapshots import SnapshotCoordinator
 from featurestore.store_transport import ShardGroup
@@ -83,12 +91,20 @@ class StepProtocol:
         #: NCE with z_momentum: this client's last Z observation, sent with its next step.
         self._z_observation: float | None = None
         self._max_step = next_step - 1
+        #: Objective keys each shard has been sent.
+        self._registered: list[set[str]] = [set() for _ in range(config.num_shards)]
 
     @property
     def next_step(self) -> int:
         """The next step's number as this client knows it (no remote call)."""
         with self._lock:
             return self._max_step + 1
+
+    @property
+    def z(self) -> float | None:
+        """NCE's Z as this client knows it."""
+        with self._lock:
+            return self._z
 
     def reset(self, step: int, z: float | None) -> None:
         """The store was loaded from a snapshot at ``step`` with ``z``."""
@@ -126,12 +142,13 @@ class StepProtocol:
                 noise_ids,
             )
         z = self._nce_z(objective, feats, ids, spec, known_z)
+        key = self._register(objective)
         pieces = wire.reply_pieces(*feats.shape)
         message = StepRequest(
             pieces,
             self._request_id(),
             ids.numpy(),
-            objective.to_dict(),
+            key,
             spec,
             z,
             next_step,
@@ -144,7 +161,7 @@ class StepProtocol:
         self.group.transfer.shared.clear()
 
         def finish() -> StepOutput:
-            replies = self.group.collect("step", refs, calls)
+            replies = {s: self._reply(s, ref, calls[s], objective) for s, ref in refs.items()}
             parts = [unpack_stats(replies[s][0]) for s in range(cfg.num_shards)]
             control: StepControl = replies[0][1]
             with self._lock:
@@ -167,6 +184,35 @@ class StepProtocol:
             return StepOutput.merged(sample_loss, grad, z, out_device)
 
         return PendingStep(finish)
+
+    def _register(self, objective: Objective, shards: list[int] | None = None) -> str:
+        """The objective's key, after sending the objective to the shards that lack it (once
+        per shard; again to a shard that restarted)."""
+        data = objective.to_dict()
+        key = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        with self._lock:
+            todo = [
+                s
+                for s in (range(self.config.num_shards) if shards is None else shards)
+                if shards is not None or key not in self._registered[s]
+            ]
+        if todo:
+            self.group.call("register_objective", {s: (key, data) for s in todo})
+            with self._lock:
+                for s in todo:
+                    self._registered[s].add(key)
+        return key
+
+    def _reply(self, shard: int, ref, args: tuple, objective: Objective):
+        """One shard's step reply; a shard that restarted and forgot the objective gets it
+        again and the same step (same request id) once more."""
+        try:
+            return self.group.await_reply(shard, "step", ref, args)
+        except LookupError as err:
+            if not str(err).startswith(UNKNOWN_OBJECTIVE):
+                raise
+        self._register(objective, [shard])
+        return self.group.await_reply(shard, "step", self.group.submit(shard, "step", args), args)
 
     def _nce_z(
         self,

@@ -178,7 +178,7 @@ def test_attached_clients_draw_their_own_noise(make_store):
     b = other.step_async(f, ids, objective)
     close(a.result().grad, in_process_step(rows, store.bounds, f, ids, objective, step_seed(6, 0)))
     assert not torch.allclose(a.result().grad, b.result().grad)
-    assert store.step_count == 2
+    assert store.step_count == 1 and store.state()[0] == 2  # this client saw one step
 
 
 def in_process_step(rows, bounds, feats, ids, objective, seed):
@@ -303,7 +303,7 @@ def test_concurrent_clients_lose_no_update(make_store, ray_cluster):
         t.join()
     assert not errors
     assert all(len(losses) == rounds for losses in remote_losses)
-    assert store.step_count == 4 * rounds  # every step got its own number (seed)
+    assert store.state()[0] == 4 * rounds  # every step got its own number (seed)
     sequential = MemoryBank(N, D, seed=13, momentum=0.5)
     for i in range(4):
         for r in range(rounds):
@@ -339,8 +339,11 @@ def test_bad_input_raises_value_error_and_leaves_store_unchanged(make_store):
     assert store.z is None and store.step_count == 0
     # an error raised inside a shard comes back as a ValueError with the shard's message
     f, ids, _ = batch(12)
-    with pytest.raises(ValueError, match=r"unknown objective.*shard 1 of store"):
-        request = StepRequest(2, "r", ids, {"kind": "nope"}, None, None, 0, None)
+    with pytest.raises(ValueError, match=r"unknown objective kind 'nope'.*shard 1 of store"):
+        store._group.call("register_objective", {1: ("k", {"kind": "nope"})})
+    # a step names its objective by the key the client registered once per shard
+    with pytest.raises(LookupError, match=r"unknown objective 'unsent'.*shard 1 of store"):
+        request = StepRequest(2, "r", ids, "unsent", None, None, 0, None)
         store._group.call("step", {1: (request, f)})
     assert torch.equal(all_rows(store), before)
 
