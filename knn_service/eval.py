@@ -14,8 +14,8 @@ always computed with the checkpoint's encoder and its test transform. Train feat
 - ``--snapshot``: the bank rows of a store snapshot (a snapshot directory or a snapshot dir
   holding several: the newest), read without Ray.
 
-The numbers come from the trainer's own functions (:func:`trainer.evaluation.extract_features`,
-:func:`~trainer.evaluation.index_from_export`, :func:`~trainer.evaluation.knn_accuracy`) with
+The numbers come from the trainer's own evaluation (:func:`trainer.evaluation.evaluate`, the
+function the training loop calls, and :func:`~trainer.evaluation.index_from_export`) with
 the trainer's class count and batch size, so they equal what the trainer reports for the
 same inputs. ``--k`` and ``--temperature`` default to the training config's ``knn_k`` and
 ``nce_t`` for a training checkpoint, else 200 and 0.07. Samples that do not decode are left
@@ -28,12 +28,9 @@ import argparse
 import json
 import logging
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from knn_service.cli import OneLineParser, UsageError, positive_float, positive_int, run
-
-if TYPE_CHECKING:
-    from knn_service.encoders import Encoder
 
 logger = logging.getLogger("knn_service.eval")
 
@@ -80,15 +77,6 @@ def _load_index(location: str, flag: str):
         raise UsageError(f"{flag} {location}: {exc}") from None
 
 
-def _encode(encoder: Encoder, index, batch_size: int, num_workers: int):
-    from trainer.api import EVAL_BATCH, eval_loader, extract_features
-
-    batch_size = batch_size or EVAL_BATCH
-    """``(features [N, d], seen [N])`` of every instance of ``index`` (trainer's function)."""
-    loader = eval_loader(index, batch_size, encoder.transform, num_workers=num_workers)
-    return extract_features(encoder.model, loader, index.num_instances, encoder.dim, encoder.device)
-
-
 def _bank_batches(args: argparse.Namespace, dim: int, num_rows: int):
     """``(record batches, description)`` of the bank rows from the store or snapshot."""
     if args.store_name is not None:
@@ -125,9 +113,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation described by parsed ``args``; returns the printed record."""
     import torch
 
-    from featurestore.knn import KnnIndex
     from knn_service.encoders import load_encoder_from
-    from trainer.api import EVAL_BATCH, ShardIndex, index_from_export, knn_accuracy
+    from trainer.api import EVAL_BATCH, EvalSetup, ShardIndex, Split, index_from_export
+    from trainer.api import evaluate as evaluate_split
 
     args.batch_size = args.batch_size or EVAL_BATCH
     if not (args.recompute or args.store_name or args.snapshot):
@@ -144,54 +132,45 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     except (OSError, ValueError, RuntimeError) as exc:
         raise UsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
     cfg = encoder.config
-    k = args.k or (cfg.knn_k if cfg is not None else DEFAULT_K)
-    temperature = args.temperature or (cfg.nce_t if cfg is not None else DEFAULT_TEMPERATURE)
-    num_classes = ShardIndex.classes_of(train_index, val_index)
-    train_labels = torch.from_numpy(train_index.labels)
-
+    setup = EvalSetup(
+        preset=encoder.preset,
+        image_size=encoder.image_size,
+        dim=encoder.dim,
+        device=encoder.device,
+        num_classes=ShardIndex.classes_of(train_index, val_index),
+        k=args.k or (cfg.knn_k if cfg is not None else DEFAULT_K),
+        temperature=args.temperature or (cfg.nce_t if cfg is not None else DEFAULT_TEMPERATURE),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        kind=args.kind,
+    )
     bank: dict[str, Any] | None = None
-    skipped_train = 0
-    if args.recompute:
-        feats, seen = _encode(encoder, train_index, args.batch_size, args.num_workers)
-        skipped_train = int((~seen).sum())
-        if skipped_train or args.kind != "flat":
-            train: KnnIndex | torch.Tensor = KnnIndex(dim=encoder.dim, kind=args.kind)
-            train.add(feats[seen], ids=torch.nonzero(seen).flatten())
-        else:
-            train = feats  # exactly what the trainer passes
-    else:
+    index = None
+    if not args.recompute:
         batches, bank = _bank_batches(args, encoder.dim, train_index.num_instances)
-        train = index_from_export(batches, encoder.dim, args.kind)
-
-    val_feats, val_seen = _encode(encoder, val_index, args.batch_size, args.num_workers)
-    val_labels = torch.from_numpy(val_index.labels)
-    skipped_val = int((~val_seen).sum())
-    if skipped_val:
-        val_feats, val_labels = val_feats[val_seen], val_labels[val_seen]
-    if len(val_labels) == 0:
-        raise UsageError(f"--val-data {args.val_data}: no image decodes")
-    if int(val_labels.min()) < 0:
-        raise UsageError(f"--val-data {args.val_data}: has images without a label (-1)")
-    size = len(train) if isinstance(train, KnnIndex) else int(train.shape[0])
-    result = knn_accuracy(train, train_labels, val_feats, val_labels, num_classes, k, temperature)
+        index = index_from_export(batches, encoder.dim, args.kind)
+    try:  # the trainer's own evaluation, as its metrics.jsonl records it
+        result = evaluate_split(encoder.model, Split(train_index), Split(val_index), setup, index)
+    except ValueError as exc:
+        raise UsageError(f"--val-data {args.val_data}: {exc}") from None
     return {
         "top1": result["knn_top1"],
         "top5": result["knn_top5"],
-        "k": k,
-        "k_used": min(k, size),
-        "temperature": temperature,
+        "k": setup.k,
+        "k_used": result["k_used"],
+        "temperature": setup.temperature,
         "features": "recomputed" if args.recompute else "bank",
         "bank": bank,
         "kind": args.kind,
         "encoder": encoder.describe(),
         "train_data": args.train_data,
         "val_data": args.val_data,
-        "num_train": size,
-        "num_val": len(val_labels),
-        "num_classes": num_classes,
+        "num_train": result["num_train"],
+        "num_val": result["num_val"],
+        "num_classes": setup.num_classes,
         "batch_size": args.batch_size,
         "device": str(encoder.device),
-        "skipped": {"train": skipped_train, "val": skipped_val},
+        "skipped": {"train": result["skipped_train"], "val": result["skipped_val"]},
     }
 
 

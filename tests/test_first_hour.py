@@ -78,3 +78,18 @@ def test_a_run_logged_to_a_file_has_no_progress_bars_and_no_faiss_noise(tmp_path
     assert "batch/s" not in log and "\r" not in log  # no tqdm bar: stderr is not a terminal
     assert "swigfaiss" not in log and "Loading faiss" not in log
     assert sum("'epoch': " in line for line in log.splitlines()) >= 2  # one line per epoch
+
+
+def test_val_data_with_unlabelled_images_is_refused_up_front(tmp_path):
+    src = colour_class_folder(tmp_path / "src", 24, seed=1)
+    stray = next(src.glob("*/*"))
+    (src / f"stray{stray.suffix}").write_bytes(stray.read_bytes())  # at the root: no class
+    make_shards(src, tmp_path / "val", shard_size=40, progress=False)
+    make_shards(colour_class_folder(tmp_path / "t", 24, seed=2), tmp_path / "train", progress=False)
+    result = _cli(
+        "-m", "trainer.run", "--launcher", "local", "--data", str(tmp_path / "train"),
+        "--val-data", str(tmp_path / "val"), "--output", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "1 of its 25 images have no label (-1" in lines[0], lines

@@ -13,7 +13,14 @@ from trainer.data import eval_loader
 from trainer.data.decode import decode_image
 from trainer.data.index import ShardIndex, load_index, read_index_table
 from trainer.data.segments import read_image_bytes as read_shard_images
-from trainer.evaluation import EVAL_BATCH, extract_features, index_from_export, knn_accuracy
+from trainer.evaluation import (
+    EVAL_BATCH,
+    EvalSetup,
+    Split,
+    evaluate,
+    extract_features,
+    index_from_export,
+)
 from trainer.models import (
     CONFIG_FILE,
     EncoderConfig,
@@ -30,15 +37,17 @@ __all__ = [
     "PRESETS",
     "STATE_FILE",
     "EncoderConfig",
+    "EvalSetup",
     "ShardIndex",
+    "Split",
     "TrainConfig",
     "build_encoder",
     "build_transform",
     "decode_image",
     "eval_loader",
+    "evaluate",
     "extract_features",
     "index_from_export",
-    "knn_accuracy",
     "latest_checkpoint",
     "load_checkpoint",
     "load_encoder",

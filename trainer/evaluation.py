@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -60,6 +61,11 @@ class EvalSetup:
     temperature: float
     autocast: bool = False
     """Encode under bf16 autocast (features are normalised in float32)."""
+    batch_size: int = EVAL_BATCH
+    num_workers: int = 0
+    """DataLoader processes when streaming from the shards."""
+    kind: str = "flat"
+    """Index of recomputed train features: flat (exact) or ivf."""
 
 
 def encode_split(model: nn.Module, split: Split, setup: EvalSetup) -> tuple[Tensor, Tensor]:
@@ -67,36 +73,67 @@ def encode_split(model: nn.Module, split: Split, setup: EvalSetup) -> tuple[Tens
     seen [N] bool)``, from the decoded pixels when held, else streamed from the shards."""
     if split.pixels is not None:
         test = build_batch_transform(setup.preset, train=False, image_size=setup.image_size)
-        loader = CachedLoader(split.pixels, EVAL_BATCH, test, train=False, device=setup.device)
+        loader = CachedLoader(
+            split.pixels, setup.batch_size, test, train=False, device=setup.device
+        )
     else:
         test_tf = build_transform(setup.preset, train=False, image_size=setup.image_size)
-        loader = eval_loader(split.index, EVAL_BATCH, test_tf)
+        loader = eval_loader(split.index, setup.batch_size, test_tf, num_workers=setup.num_workers)
     n = split.index.num_instances
     return extract_features(model, loader, n, setup.dim, setup.device, setup.autocast)
 
 
 def evaluate(
     model: nn.Module, train: Split, val: Split, setup: EvalSetup, bank: KnnIndex | None = None
-) -> dict[str, float]:
-    """The 200-NN vote of ``val`` against ``train``: the bank's rows when ``bank`` is given,
-    else train features recomputed with the test transform. ``{"knn_top1", "knn_top5"}``."""
+) -> dict[str, Any]:
+    """The kNN vote of ``val`` against ``train``, as the training loop and ``python -m
+    knn_service.eval`` both report it: the bank's rows when ``bank`` is given, else train
+    features recomputed with the test transform (samples that did not decode left out).
+
+    Returns:
+        ``{"knn_top1", "knn_top5", "k_used", "num_train", "num_val", "skipped_train",
+        "skipped_val"}``.
+
+    Raises:
+        ValueError: no validation image decodes ("no image decodes"), or one has no label
+            ("has images without a label (-1)").
+    """
     val_feats, val_seen = encode_split(model, val, setup)
-    train_labels = train.labels()
+    val_labels = val.labels()[val_seen]
+    if len(val_labels) == 0:
+        raise ValueError("no image decodes")
+    if int(val_labels.min()) < 0:
+        raise ValueError("has images without a label (-1)")
+    train_labels, skipped_train = train.labels(), 0
     if bank is None:
         feats, seen = encode_split(model, train, setup)
+        skipped_train = int((~seen).sum())
         train_side: KnnIndex | Tensor = feats[seen]
-        train_labels = train_labels[seen]  # skipped samples left out
+        if setup.kind != "flat":
+            train_side = KnnIndex(dim=setup.dim, kind=setup.kind)
+            train_side.add(feats[seen], ids=torch.nonzero(seen).flatten())
+        else:
+            train_labels = train_labels[seen]
     else:
         train_side = bank
-    return knn_accuracy(
+    size = len(train_side) if isinstance(train_side, KnnIndex) else int(train_side.shape[0])
+    result = knn_accuracy(
         train_side,
         train_labels,
         val_feats[val_seen],
-        val.labels()[val_seen],
+        val_labels,
         setup.num_classes,
         setup.k,
         setup.temperature,
     )
+    return {
+        **result,
+        "k_used": min(setup.k, size),
+        "num_train": size,
+        "num_val": len(val_labels),
+        "skipped_train": skipped_train,
+        "skipped_val": int((~val_seen).sum()),
+    }
 
 
 @torch.no_grad()

@@ -200,7 +200,8 @@ def evaluate_knn(w: Worker, recompute: bool = False) -> dict[str, float]:
     if w.val is None:
         return {}
     bank = None if recompute else index_from_export(w.bank.export(), w.cfg.low_dim)
-    result = evaluate(w.encoder, w.train, w.val, w.eval_setup(), bank)
+    found = evaluate(w.encoder, w.train, w.val, w.eval_setup(), bank)
+    result = {"knn_top1": found["knn_top1"], "knn_top5": found["knn_top5"]}
     w.metrics.gauge("knn_top1", result["knn_top1"])
     w.metrics.gauge("knn_top5", result["knn_top5"])
     return result

@@ -199,6 +199,13 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
     val_index: ShardIndex | None = None
     if val_data is not None:
         val_index = _load_index(val_data, "--val-data")
+        unlabelled = int((val_index.labels < 0).sum())
+        if unlabelled:
+            raise ConfigError(
+                f"--val-data {val_data}: {unlabelled} of its {val_index.num_instances} images "
+                "have no label (-1; e.g. files at the ImageFolder root), so the kNN vote "
+                "cannot score them: use a labelled split"
+            )
     num_classes = ShardIndex.classes_of(train_index, val_index)
     preset = train_index.preset if cfg.augment == "auto" else cfg.augment
     objective = resolve_objective(cfg, train_index.num_instances)
