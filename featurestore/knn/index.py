@@ -41,17 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from featurestore.knn.arrow_input import (
-    _arrow_ids_vectors,  # noqa: F401  (re-exported)
-    _iter_arrow_batches,
-)
-from featurestore.knn.backends import (
-    _FAISS_GPU_MAX_K,  # noqa: F401  (re-exported)
-    _block_candidates,  # noqa: F401  (re-exported)
-    _default_nlist,  # noqa: F401  (re-exported)
-    _FaissBackend,
-    _TorchBackend,
-)
+from featurestore.knn.arrow_input import _iter_arrow_batches
+from featurestore.knn.backends import _FaissBackend, _TorchBackend
 
 __all__ = ["KnnIndex"]
 

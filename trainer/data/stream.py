@@ -1,8 +1,8 @@
 """Streaming loader for the webdataset shards written by :mod:`trainer.make_shards`.
 
 This module holds the per-worker stream (:class:`ShardStream`), the loader around it
-(:class:`ShardLoader`) and its constructors :func:`train_loader` and :func:`eval_loader`. The
-parts live in modules of their own and are re-exported here:
+(:class:`ShardLoader`) and its constructors :func:`train_loader` and :func:`eval_loader`. It
+builds on the other modules of :mod:`trainer.data`:
 
 - :mod:`trainer.data.shard_files`: dataset locations (directory, URL, ``pipe:`` template), URL
   opening, the tar reader;
