@@ -16,15 +16,39 @@ def is_url(location: str | os.PathLike) -> bool:
     return len(urlparse(os.fspath(location)).scheme) > 1
 
 
+def umask() -> int:
+    """The process's file-mode creation mask (read, not changed, where /proc tells it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new directory in ``parent`` for a result renamed into place later, with the
+    permissions of an ordinary ``mkdir`` (``tempfile.mkdtemp`` makes it private, 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(0o777 & ~umask())
+    return path
+
+
 def write_atomic(
     final: str | os.PathLike, write: Callable[[Path], None], suffix: str = ".tmp"
 ) -> None:
-    """Call ``write(tmp)`` on a new temporary file beside ``final`` (named ``.<name>.*<suffix>``),
-    fsync it, then rename it over ``final``; the temporary file never outlives the call."""
+    """Call ``write(tmp)`` on a new temporary file beside ``final`` (named ``.<name>.*<suffix>``,
+    with the permissions the user's umask gives), fsync it, then rename it over ``final``;
+    the temporary file never outlives the call."""
     final = Path(final)
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(0o666 & ~umask())  # as an ordinary open() would create it (mkstemp: 0600)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -39,4 +63,4 @@ def write_text_atomic(final: str | os.PathLike, text: str) -> None:
     write_atomic(final, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-__all__ = ["is_url", "write_atomic", "write_text_atomic"]
+__all__ = ["is_url", "make_temp_dir", "umask", "write_atomic", "write_text_atomic"]

@@ -30,12 +30,21 @@ BORDER = 3
 PAD = 6
 GAP = 14  # extra space between the query column and its neighbours
 CAPTION = 16
+HEADER = 36  # the title line and the legend line above the grid
+MIN_WIDTH = 360  # room for the legend however few neighbours
+TITLE = "Nearest training images of each query (cosine similarity), best first"
 WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)
 QUERY_COLOR = (40, 90, 200)
 SAME_COLOR = (40, 160, 60)
 OTHER_COLOR = (220, 30, 30)
 UNKNOWN_COLOR = (150, 150, 150)
+LEGEND = (
+    ("query", QUERY_COLOR),
+    ("same label", SAME_COLOR),
+    ("other label", OTHER_COLOR),
+    ("label unknown", UNKNOWN_COLOR),
+)
 CELL_BACKGROUND = (235, 235, 235)
 SERIES_COLORS = {
     "loss": (31, 119, 180),
@@ -67,7 +76,8 @@ class Tile:
 def retrieval_grid_size(num_queries: int, k: int, cell: int) -> tuple[int, int]:
     """``(width, height)`` in pixels of :func:`retrieval_grid`'s image."""
     box = cell + 2 * BORDER
-    return PAD + box + GAP + k * (box + PAD), PAD + num_queries * (box + CAPTION + PAD)
+    width = max(MIN_WIDTH, PAD + box + GAP + k * (box + PAD))
+    return width, HEADER + PAD + num_queries * (box + CAPTION + PAD)
 
 
 def _fit(image: Image.Image, cell: int) -> Image.Image:
@@ -109,8 +119,9 @@ def retrieval_grid(
     draw = ImageDraw.Draw(canvas)
     font = _font(11)
     box = cell + 2 * BORDER
+    _legend(draw, font)
     for r, (query, row) in enumerate(zip(queries, neighbours)):
-        y = PAD + r * (box + CAPTION + PAD)
+        y = HEADER + PAD + r * (box + CAPTION + PAD)
         _tile(canvas, draw, font, query, PAD, y, cell, QUERY_COLOR)
         for j, tile in enumerate(row):
             x = PAD + box + GAP + j * (box + PAD)
@@ -120,6 +131,16 @@ def retrieval_grid(
                 color = SAME_COLOR if tile.label == query.label else OTHER_COLOR
             _tile(canvas, draw, font, tile, x, y, cell, color)
     return canvas
+
+
+def _legend(draw: ImageDraw.ImageDraw, font: Any) -> None:
+    """The title, then a swatch and a word for each frame colour."""
+    draw.text((PAD, 4), TITLE, fill=BLACK, font=font)
+    x = PAD
+    for word, color in LEGEND:
+        draw.rectangle([x, 21, x + 10, 31], fill=color)
+        draw.text((x + 14, 20), word, fill=BLACK, font=font)
+        x += 14 + int(draw.textlength(word, font=font)) + 12
 
 
 def _tile(

@@ -7,7 +7,8 @@ Routes (JSON in and out; errors are ``{"error": "message"}`` with a 4xx status):
                           "k": 10}`` -> ``{"results": [{"ids", "similarities", "labels",
                           "keys", "sources"}]}`` (best first)
 ``POST /classify``        same inputs + ``"temperature"`` (0.07) -> ``{"predictions":
-                          [{"class", "class_name", "scores": [C]}]}`` (weighted vote)
+                          [{"class", "class_name", "probabilities": [C] (sum 1),
+                          "scores": [C] (raw Σ exp(s/σ))}]}`` (weighted vote)
 ``POST /refresh``         rebuild the index from the store now; answers when it is served
 ``GET /healthz``          ``{"status": "ok", "rows", "index_built_at", ...}`` (never needs a
                           token)

@@ -213,7 +213,9 @@ class KnnService:
 
     def classify(self, query: Query) -> dict[str, Any]:
         """Weighted kNN vote (Wu et al. §3.4): ``{"predictions": [{"class", "class_name",
-        "scores"}, ...]}`` with ``scores`` ``[C]`` = ``Σ exp(s/σ)`` per class (float64).
+        "probabilities", "scores"}, ...]}``: ``scores`` ``[C]`` = ``Σ exp(s/σ)`` over the
+        neighbours of each class (float64, the raw vote) and ``probabilities`` ``[C]`` the
+        same normalised to sum to 1 (all 0 when no neighbour has a known label).
 
         ``class`` is the first class of highest score, ``None`` when no neighbour has a
         known label.
@@ -234,12 +236,15 @@ class KnnService:
             )
         best = scores.argmax(dim=1).tolist()  # first maximum: ties go to the lower class
         predictions = []
-        for row, c in zip(scores.tolist(), best):
+        totals = scores.sum(dim=1, keepdim=True)
+        probabilities = torch.where(totals > 0, scores / totals.clamp(min=1e-300), 0.0)
+        for row, probs, c in zip(scores.tolist(), probabilities.tolist(), best):
             known = any(v > 0 for v in row)
             predictions.append(
                 {
                     "class": c if known else None,
                     "class_name": self._class_name(c) if known else None,
+                    "probabilities": probs,
                     "scores": row,
                 }
             )

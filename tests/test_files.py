@@ -50,3 +50,20 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
         write_atomic(target, half_then_fail, suffix=".partial")
     assert target.read_bytes() == b"good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.pt"]
+
+
+def test_temporary_dirs_and_files_get_the_users_umask_not_0700(tmp_path):
+    import os
+    import stat
+
+    from featurestore.files import make_temp_dir, umask
+
+    old = os.umask(0o027)
+    try:
+        assert umask() == 0o027
+        made = make_temp_dir(tmp_path, ".x-")
+        write_text_atomic(tmp_path / "f.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o640

@@ -167,8 +167,15 @@ def test_imagefolder_round_trip(image_folder: Path, tmp_path: Path) -> None:
     assert "created" in meta
 
     lines = (out / "skipped.txt").read_text().splitlines()
-    assert sorted(line.split("\t")[0] for line in lines) == sorted(BAD)
-    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in lines)
+    reasons = dict(line.split("\t") for line in lines)
+    not_taken = {*BAD, "c_cls/notes.txt", "a_cls/.hidden.png", ".cache/", "a_cls/data.npy"}
+    assert sorted(reasons) == sorted(not_taken)  # every file it did not take, with a reason
+    assert all(reasons.values()) and not any("BytesIO" in r or "0x" in r for r in reasons.values())
+    assert reasons["a_cls/.hidden.png"] == "hidden file (its name starts with '.')"
+    assert reasons[".cache/"] == "hidden directory: not scanned"
+    assert reasons["c_cls/notes.txt"] == "not an image file name (.txt)"
+    assert reasons["c_cls/text.png"] == "not an image PIL can read (unknown or damaged format)"
+    assert meta["num_skipped"] == len(BAD)  # images that did not decode
     assert not list(out.glob(".*")), "temporary files left behind"
 
 
@@ -393,3 +400,32 @@ def test_cli_existing_output_untouched(image_folder: Path, tmp_path: Path) -> No
     result = _cli(image_folder, out, "--shard-size", "100", "--overwrite")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar"]
+
+
+def test_an_unwritable_output_is_exit_2_and_outputs_keep_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    src = tmp_path / "src" / "cls"
+    src.mkdir(parents=True)
+    (src / "a.png").write_bytes(_encode(_pixels(5), "PNG"))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.make_shards", str(tmp_path / "src"), str(blocker / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"make_shards: error: cannot write {blocker / 'out'}")
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        make_shards(tmp_path / "src", out, progress=False)
+    finally:
+        os.umask(old)
+    for name in ("dataset.json", "index.parquet", "skipped.txt", "shard-000000.tar"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name

@@ -231,6 +231,9 @@ def test_classify_matches_reference_vote(env: Env) -> None:
         scores.scatter_add_(1, env.labels[ids], (sims / temperature).exp())
         for prediction, expected in zip(reply.body["predictions"], scores):
             np.testing.assert_allclose(prediction["scores"], expected.numpy(), rtol=1e-4)
+            probs = np.asarray(prediction["probabilities"])
+            np.testing.assert_allclose(probs, (expected / expected.sum()).numpy(), rtol=1e-4)
+            assert abs(probs.sum() - 1) < 1e-9
             assert prediction["class"] == int(expected.argmax())
             assert prediction["class_name"] == f"class{prediction['class']}"
     reply = call(env.server, "POST", "/classify", {"image": b64(png_bytes(env.root, 2, 3))})

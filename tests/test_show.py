@@ -19,6 +19,8 @@ from knn_service.figures import (
     BORDER,
     CAPTION,
     GAP,
+    HEADER,
+    LEGEND,
     OTHER_COLOR,
     PAD,
     QUERY_COLOR,
@@ -53,8 +55,10 @@ def _retrieval(tiny: Path, out: Path, capsys, *extra: str) -> tuple[int, dict | 
 
 
 def test_grid_size_formula() -> None:
-    # 3 queries, 10 neighbours, 32 px cells: box = 38; 6 + 38 + 14 + 10 * 44 by 6 + 3 * 60
-    assert retrieval_grid_size(3, 10, 32) == (498, 186)
+    # 3 queries, 10 neighbours, 32 px cells: box = 38; 6 + 38 + 14 + 10 * 44 by the title and
+    # legend (36) + 6 + 3 * 60; at least 360 wide for the legend
+    assert retrieval_grid_size(3, 10, 32) == (498, 222)
+    assert retrieval_grid_size(1, 2, 16) == (360, 36 + 6 + 44)
 
 
 def test_retrieval_grid_png(tiny: Path, tmp_path: Path, capsys) -> None:
@@ -78,7 +82,7 @@ def test_retrieval_grid_png(tiny: Path, tmp_path: Path, capsys) -> None:
     box = 32 + 2 * BORDER
     mismatches = 0
     for r, (qid, row) in enumerate(zip(summary["query_ids"], summary["neighbour_ids"])):
-        y = PAD + r * (box + CAPTION + PAD) + 1
+        y = HEADER + PAD + r * (box + CAPTION + PAD) + 1
         assert tuple(pixels[y, PAD + 1]) == QUERY_COLOR
         for j, nid in enumerate(row):
             x = PAD + box + GAP + j * (box + PAD) + 1
@@ -234,3 +238,12 @@ def test_module_entry_point(tmp_path: Path) -> None:
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_the_retrieval_picture_has_a_title_and_a_legend_of_its_frame_colours() -> None:
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    grid = retrieval_grid([Tile(image, 0, "q")], [[Tile(image, 0, "a"), Tile(image, 1, "b")]])
+    pixels = np.asarray(grid)
+    assert (pixels[4:18, PAD:200] < 100).all(axis=2).any()  # the title's dark text
+    swatches = {tuple(pixels[26, x]) for x in range(PAD, grid.width)}
+    assert {color for _, color in LEGEND} <= swatches  # one swatch per frame colour

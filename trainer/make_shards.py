@@ -12,7 +12,8 @@ dataset (``digits``); see :mod:`trainer.data.sources`. Output in ``OUT``:
 - ``index.parquet``: one row per instance in id order: ``id`` int64, ``label`` int32, ``key``
   string, ``shard`` string (the shard's file name), ``source`` string (path relative to
   ``SRC`` or ``batch:row``).
-- ``skipped.txt``: one ``source<TAB>reason`` line per file that did not decode (may be empty).
+- ``skipped.txt``: one ``source<TAB>reason`` line per file that was not taken: images that did
+  not decode, then (ImageFolder) hidden files and directories and non-image file names.
 - ``dataset.json``: ``num_instances``, ``classes``, ``source``, ``created`` plus ``split``,
   ``source_type`` (``imagefolder``/``cifar10``/``digits``), ``num_classes``, ``num_skipped``,
   ``key_width``, ``image_size_min``/``image_size_max`` (smallest/largest image side),
@@ -33,16 +34,17 @@ already holds shards) is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import sys
 import tarfile
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,7 +58,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from featurestore.files import write_atomic
+from featurestore.files import make_temp_dir, write_atomic
 from trainer.data.sources import (
     BUILTIN_DATASETS,
     BUILTIN_PREFIX,
@@ -68,6 +70,9 @@ from trainer.data.sources import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: How PIL names the in-memory file in its messages (``<_io.BytesIO object at 0x…>``).
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 DEFAULT_SHARD_SIZE = 5000
 SHARD_NAME = "shard-{:06d}.tar"
@@ -188,8 +193,11 @@ def verify_image(data: bytes) -> tuple[tuple[int, int] | None, str | None]:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return im.size, None
+    except Image.UnidentifiedImageError:
+        return None, "not an image PIL can read (unknown or damaged format)"
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        return None, " ".join(f"{type(exc).__name__}: {exc}".split())
+        text = _BUFFER_REPR.sub("the image", f"{type(exc).__name__}: {exc}")
+        return None, " ".join(text.split())
 
 
 def _load_verified(source: Source) -> Callable[[Record], tuple[bytes | None, Any]]:
@@ -288,7 +296,7 @@ def make_shards(
     names = [SHARD_NAME.format(s) for s in range(num_shards)]
     writers: list[_ShardWriter] = []
     rows: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = list(source.ignored)  # files the scan did not take
     sides = (sys.maxsize, 0)  # smallest and largest image side seen
     try:
         writers = [_ShardWriter(out / f".{name}{PARTIAL_SUFFIX}") for name in names]
@@ -340,7 +348,8 @@ def make_shards(
     for old in out.glob(SHARD_GLOB):
         if old.name not in shards:
             old.unlink()
-    summary = ShardSummary(out, num_instances, len(skipped), shards, counts, tuple(source.classes))
+    failed = len(skipped) - len(source.ignored)  # images that did not decode
+    summary = ShardSummary(out, num_instances, failed, shards, counts, tuple(source.classes))
     logger.info(
         "wrote %d instances (%d classes) in %d shards to %s",
         num_instances,
@@ -348,12 +357,25 @@ def make_shards(
         len(shards),
         out,
     )
-    if skipped:
+    if failed:
         logger.warning(
             "skipped %d of %d files that do not decode; listed in %s",
-            len(skipped),
+            failed,
             len(records),
             out / "skipped.txt",
+        )
+    if source.ignored:
+        logger.warning(
+            "did not take %d other files (hidden, or not image file names); listed in %s",
+            len(source.ignored),
+            out / "skipped.txt",
+        )
+    unlabelled = sum(1 for label in rows["label"] if label < 0)
+    if unlabelled:
+        logger.warning(
+            "%d images outside any class folder (at the root) have no label (-1); they "
+            "train, but cannot be --val-data",
+            unlabelled,
         )
     return summary
 
@@ -383,7 +405,7 @@ def _write_outputs(
         "source_type": source.kind,
         "split": source.split,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "num_skipped": len(skipped),
+        "num_skipped": len(skipped) - len(source.ignored),
         "key_width": key_width,
         "image_size_min": sides[0],
         "image_size_max": sides[1],
@@ -421,7 +443,7 @@ def ensure_builtin_dataset(
     if _is_complete(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{split}-", dir=root))
+    tmp = make_temp_dir(root, f".{name}-{split}-")
     try:
         make_shards(BUILTIN_PREFIX + name, tmp, split=split, overwrite=True, progress=False)
         if target.exists() and not _is_complete(target):
@@ -487,7 +509,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # SourceError, OutputExistsError and other bad input
         sys.stderr.write(f"make_shards: error: {exc}\n")
         return 2
+    except (PermissionError, NotADirectoryError, FileNotFoundError, IsADirectoryError) as exc:
+        sys.stderr.write(f"make_shards: error: cannot write {args.out}: {exc}\n")
+        return 2  # an output the user cannot write to is bad input
     except OSError as exc:
+        if exc.errno == errno.EROFS:
+            sys.stderr.write(f"make_shards: error: cannot write {args.out}: {exc}\n")
+            return 2
         sys.stderr.write(f"make_shards: error: {exc}\n")
         return 1
     return 0

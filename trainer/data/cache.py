@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurestore.files import is_url
+from featurestore.files import is_url, make_temp_dir
 from trainer.data.index import ShardIndex
 from trainer.data.stream import eval_loader
 
@@ -170,7 +169,7 @@ def load_decoded(
                 final,
             )
             images, seen = _decode(index, workers)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=base))
+            tmp = make_temp_dir(base, f".{key}.")
             try:
                 np.save(tmp / "images.npy", images)
                 np.save(tmp / "seen.npy", seen)

@@ -74,6 +74,8 @@ class Source:
         classes: class names; ``Record.label`` indexes this list.
         records: the images in id order (before unreadable ones are dropped).
         read: ``read(record) -> bytes``, the encoded image; may raise ``OSError``.
+        ignored: ``(path, reason)`` of every file the scan did not take (hidden, not an
+            image extension, in a hidden directory); make_shards lists them in skipped.txt.
     """
 
     kind: str
@@ -82,6 +84,7 @@ class Source:
     classes: list[str]
     records: list[Record]
     read: Callable[[Record], bytes] = field(repr=False)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
 
 def open_source(
@@ -151,18 +154,27 @@ def _imagefolder_source(root: Path, split: str, exclude: list[Path]) -> Source:
         raise SourceError(f"source directory is empty: {root}")
     class_index = {name: i for i, name in enumerate(classes)}
     found: list[tuple[tuple[str, ...], Record]] = []
+    ignored: list[tuple[str, str]] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
+        rel_dir = here.relative_to(root).parts
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                ignored.append(("/".join((*rel_dir, d)) + "/", "hidden directory: not scanned"))
         dirnames[:] = [
             d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in exclude
         ]
-        rel_dir = here.relative_to(root).parts
         if rel_dir and rel_dir[0] not in class_index:
             continue
         label = class_index[rel_dir[0]] if rel_dir else -1
         for name in filenames:
             ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-            if name.startswith(".") or ext not in IMAGE_EXTENSIONS:
+            path = "/".join((*rel_dir, name))
+            if name.startswith("."):
+                ignored.append((path, "hidden file (its name starts with '.')"))
+                continue
+            if ext not in IMAGE_EXTENSIONS:
+                ignored.append((path, f"not an image file name (.{ext or '<none>'})"))
                 continue
             parts = (*rel_dir, name)
             found.append((parts, Record("/".join(parts), label, ext)))
@@ -175,7 +187,8 @@ def _imagefolder_source(root: Path, split: str, exclude: list[Path]) -> Source:
     def read(record: Record) -> bytes:
         return (root / record.source).read_bytes()
 
-    return Source("imagefolder", str(root), split, classes, [r for _, r in found], read)
+    records = [r for _, r in found]
+    return Source("imagefolder", str(root), split, classes, records, read, sorted(ignored))
 
 
 # --------------------------------------------------------------------------- CIFAR-10
