@@ -93,3 +93,39 @@ def test_val_data_with_unlabelled_images_is_refused_up_front(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "1 of its 25 images have no label (-1" in lines[0], lines
+
+
+def test_the_exported_encoder_carries_its_preprocessing_and_encodes_as_the_service(tmp_path):
+    import io
+    import json
+
+    import torch
+    from PIL import Image
+
+    from knn_service.encoders import load_encoder_from
+    from trainer.data.decode import decode_image
+    from trainer.models import encode_images
+
+    src = colour_class_folder(tmp_path / "src", 32, seed=3)
+    make_shards(src, tmp_path / "shards", shard_size=40, progress=False)
+    result = _cli(
+        "-m", "trainer.run", "--launcher", "local", "--data", str(tmp_path / "shards"),
+        "--output", str(tmp_path / "run"), "--arch", "small", "--low-dim", "16",
+        "--batch-size", "16", "--epochs", "1", "--eval-every", "0",
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    export = tmp_path / "run" / "encoder"
+    pre = json.loads((export / "encoder.json").read_text())["preprocessing"]
+    assert pre["convert"] == "RGB" and len(pre["mean"]) == len(pre["std"]) == 3
+    data = next(src.glob("*/*")).read_bytes()
+    mine = encode_images(export, [Image.open(io.BytesIO(data))])  # the documented call
+    service = load_encoder_from(str(export), None, device="cpu").encode_images([decode_image(data)])
+    assert mine.shape == (1, 16) and torch.equal(mine, service)
+    scope: dict = {}
+    exec(pre["python"], scope)  # the recorded torchvision code builds the same transform
+    image = decode_image(data)
+    from trainer.transforms import build_transform
+
+    expected = build_transform(pre["preset"], train=False, image_size=pre["image_size"])(image)
+    assert torch.equal(scope["transform"](image), expected)

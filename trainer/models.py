@@ -26,17 +26,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from featurestore.files import write_atomic
+from trainer.data.decode import to_rgb
+from trainer.transforms import build_transform, describe_test_transform
 
 ARCHS: tuple[str, ...] = ("resnet18", "resnet50", "small", "small-wide")
 """Accepted values of ``arch``."""
@@ -354,6 +357,9 @@ def export_encoder(
         "torchvision_version": torchvision.__version__,
         "metadata": dict(metadata or {}),
     }
+    meta = dict(metadata or {})
+    if "preset" in meta and "image_size" in meta:
+        document["preprocessing"] = describe_test_transform(meta["preset"], meta["image_size"])
     text = json.dumps(document, indent=2, sort_keys=False) + "\n"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -379,6 +385,35 @@ def read_export_config(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
             f"(this code reads {EXPORT_FORMAT_VERSION})"
         )
     return document
+
+
+@torch.no_grad()
+def encode_images(out_dir: str | os.PathLike[str], images: Sequence[Image.Image]) -> torch.Tensor:
+    """Encode PIL images with an exported encoder exactly as ``knn_service`` does.
+
+    ``out_dir`` is an export written by a training run (``OUTPUT/encoder``); its
+    ``encoder.json`` names the preprocessing (``"preprocessing"``: RGB, resize, crop,
+    mean/std). Returns ``[n, low_dim]`` float32 unit rows on CPU::
+
+        from PIL import Image
+        from trainer.models import encode_images
+        vectors = encode_images("runs/npid/encoder", [Image.open("cat.jpg")])
+    """
+    document = read_export_config(out_dir)
+    pre = document.get("preprocessing")
+    if pre is None:
+        raise ValueError(f"{out_dir}: encoder.json records no preprocessing (an older export)")
+    model = load_encoder(out_dir)
+    if not images:
+        return torch.empty(0, model_dim(document))
+    tf = build_transform(pre["preset"], train=False, image_size=pre["image_size"])
+    batch = torch.stack([tf(to_rgb(image)) for image in images])
+    return F.normalize(model(batch).float(), dim=1)
+
+
+def model_dim(document: Mapping[str, Any]) -> int:
+    """The embedding size an ``encoder.json`` describes."""
+    return int(document["low_dim"])
 
 
 def load_encoder(out_dir: str | os.PathLike[str]) -> nn.Module:

@@ -21,6 +21,7 @@ Images reach the transform already converted to RGB (the loader does it, see
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torchvision import transforms as T
@@ -95,3 +96,39 @@ def build_transform(
         else:
             ops = [T.Resize((size, size))]
     return T.Compose([*ops, T.ToTensor(), norm])
+
+
+def describe_test_transform(preset: str, image_size: int) -> dict[str, Any]:
+    """The test transform of ``preset`` at ``image_size`` as data (what ``encoder.json``
+    records under ``"preprocessing"``): the steps, the mean/std and the torchvision code
+    that builds it, so an image can be encoded outside npid exactly as the service does."""
+    mean, std = {
+        "cifar": (CIFAR_MEAN, CIFAR_STD),
+        "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+        "digits": (DIGITS_MEAN, DIGITS_STD),
+    }[preset]
+    if preset == "imagenet":
+        resize: Any = round(image_size * 256 / 224)
+        ops = [f"T.Resize({resize})", f"T.CenterCrop({image_size})"]
+    elif preset == "cifar":
+        resize = image_size
+        ops = [f"T.Resize({image_size})", f"T.CenterCrop({image_size})"]
+    else:
+        resize = [image_size, image_size]
+        ops = [f"T.Resize(({image_size}, {image_size}))"]
+    code = (
+        "from torchvision import transforms as T\n"
+        f"transform = T.Compose([{', '.join(ops)}, T.ToTensor(), "
+        f"T.Normalize({list(mean)}, {list(std)})])  # on an RGB PIL image"
+    )
+    return {
+        "preset": preset,
+        "image_size": image_size,
+        "convert": "RGB",
+        "resize": resize,
+        "center_crop": None if preset == "digits" else image_size,
+        "to_tensor": "float32 in [0, 1], [3, H, W]",
+        "mean": list(mean),
+        "std": list(std),
+        "python": code,
+    }
