@@ -69,10 +69,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _load_index(location: str, flag: str):
-    from trainer.api import ShardIndex  # heavy imports here: --help stays fast
+    from trainer.api import ShardIndex, dataset_location  # heavy: --help stays fast
 
+    split = "test" if flag == "--val-data" else "train"
     try:
-        return ShardIndex.load(location)
+        return ShardIndex.load(dataset_location(location, split))
     except (OSError, ValueError) as exc:
         raise UsageError(f"{flag} {location}: {exc}") from None
 

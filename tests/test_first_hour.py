@@ -129,3 +129,28 @@ def test_the_exported_encoder_carries_its_preprocessing_and_encodes_as_the_servi
 
     expected = build_transform(pre["preset"], train=False, image_size=pre["image_size"])(image)
     assert torch.equal(scope["transform"](image), expected)
+
+
+def test_the_built_in_dataset_can_be_named_in_the_next_commands(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    result = _cli(
+        "-m", "trainer.run", "--launcher", "local", "--epochs", "1", "--eval-every", "0",
+        "--output", str(run), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    digits = ("--train-data", "digits", "--val-data", "digits")
+    result = _cli(
+        "-m", "knn_service.eval", "--checkpoint", str(run / "encoder"), *digits, "--recompute",
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result.stdout)
+    assert (record["num_train"], record["num_val"]) == (1437, 360) and record["top1"] > 0.5
+    out = tmp_path / "grid.png"
+    result = _cli(
+        "-m", "knn_service.show", "retrieval", "--checkpoint", str(run / "encoder"), *digits,
+        "--out", str(out), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0 and out.stat().st_size > 0, result.stderr[-3000:]

@@ -7,12 +7,16 @@ dataset, decode an image and evaluate with the kNN vote. Everything else in :mod
 contract in ``pyproject.toml`` keeps it so.
 """
 
+import logging
+from pathlib import Path
+
 from trainer.checkpoints import STATE_FILE, latest_checkpoint, load_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import eval_loader
 from trainer.data.decode import decode_image
 from trainer.data.index import ShardIndex, load_index, read_index_table
 from trainer.data.segments import read_image_bytes as read_shard_images
+from trainer.data.sources import BUILTIN_DATASETS, BUILTIN_PREFIX
 from trainer.evaluation import (
     EVAL_BATCH,
     EvalSetup,
@@ -30,6 +34,26 @@ from trainer.models import (
 )
 from trainer.transforms import DEFAULT_SIZE, PRESETS, build_transform
 
+logger = logging.getLogger(__name__)
+
+
+def dataset_location(location: str, split: str) -> str:
+    """``location`` itself, or for the built-in dataset's name (``digits``, or
+    ``builtin:digits`` even beside a directory of that name) the shards of its ``split``
+    (``"train"`` or ``"test"``), converted on first use; the log names where they are."""
+    name = location.removeprefix(BUILTIN_PREFIX)
+    builtin = location.startswith(BUILTIN_PREFIX) or (
+        location in BUILTIN_DATASETS and not Path(location).exists()
+    )
+    if not builtin:
+        return location
+    from trainer.make_shards import ensure_builtin_dataset  # the writer: built-in data only
+
+    path = ensure_builtin_dataset(split=split, name=name)
+    logger.info("built-in dataset %s, %s split: shards at %s", name, split, path)
+    return str(path)
+
+
 __all__ = [
     "CONFIG_FILE",
     "DEFAULT_SIZE",
@@ -43,6 +67,7 @@ __all__ = [
     "TrainConfig",
     "build_encoder",
     "build_transform",
+    "dataset_location",
     "decode_image",
     "eval_loader",
     "evaluate",

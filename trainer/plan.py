@@ -24,7 +24,7 @@ from trainer.checkpoints import (
     load_checkpoint,
     load_checkpoint_meta,
 )
-from trainer.config import RESUME_KEYS, SOFTMAX_AUTO_MAX_ROWS, ConfigError, TrainConfig
+from trainer.config import BUILTIN, RESUME_KEYS, SOFTMAX_AUTO_MAX_ROWS, ConfigError, TrainConfig
 from trainer.data import ShardIndex
 from trainer.data.cache import decoded_bytes
 from trainer.make_shards import ensure_builtin_dataset
@@ -193,6 +193,13 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
         cache = os.environ.get("NPID_CACHE_DIR")
         train_data = str(ensure_builtin_dataset(cache, "train"))
         val_data = cfg.val_data or str(ensure_builtin_dataset(cache, "test"))
+        logger.info(
+            "built-in dataset %s: shards at %s (train) and %s (test); name it 'digits' in "
+            "knn_service commands",
+            BUILTIN,
+            train_data,
+            val_data,
+        )
     else:  # workers run in another directory: local paths become absolute
         train_data, val_data = _absolute(cfg.data), cfg.val_data and _absolute(cfg.val_data)
     train_index = _load_index(train_data, "--data")
