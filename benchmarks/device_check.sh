@@ -17,6 +17,7 @@
 # Environment: PYTHON (python3), ARCHIVE (the CIFAR-10 JPEG tarball: .data/cifar10-jpeg.tar.gz
 # if present, else ../shared/data/cifar10-jpeg.tar.gz), DATA (.data/device), EPOCHS (auto),
 # TRAIN_SECONDS (330), EVAL_EVERY (10), COMPILE (0; 1 adds --compile), ARCH (resnet18).
+# Every step has its own timeout, so the whole script ends within LIMIT (530 s).
 # Exit status: non-zero when a smoke check or the training run failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,8 +55,8 @@ DEVICE=cuda GPU=(--use-gpu) SMALL=()
 log "device $DEVICE, smoke $SMOKE, python $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
 
 # ---- (a) smoke of the device paths
-$PY benchmarks/device_smoke.py --device "$DEVICE" "${SMALL[@]}" --out "$OUT/smoke.json" \
-  >"$OUT/smoke.log" 2>&1
+timeout 150 $PY benchmarks/device_smoke.py --device "$DEVICE" "${SMALL[@]}" \
+  --out "$OUT/smoke.json" >"$OUT/smoke.log" 2>&1
 smoke_rc=$?
 grep -E "^device_smoke: (ok|FAIL)" "$OUT/smoke.log" | tee -a "$OUT/device_check.log"
 log "smoke exit $smoke_rc"
@@ -73,7 +74,7 @@ else
   [ -d "$DATA/cifar10/train" ] || tar xzf "$ARCHIVE" -C "$DATA"
   for split in train test; do
     [ -f "$DATA/shards/$split/dataset.json" ] ||
-      $PY -m trainer.make_shards "$DATA/cifar10/$split" "$DATA/shards/$split" --split "$split" \
+      timeout 120 $PY -m trainer.make_shards "$DATA/cifar10/$split" "$DATA/shards/$split" --split "$split" \
         --threads "$THREADS" >>"$OUT/device_check.log" 2>&1 || { log "make_shards $split failed"; exit 1; }
   done
   log "shards ready"
@@ -81,7 +82,7 @@ else
   RECIPE=(--arch "${ARCH:-resnet18}" --objective softmax --nce-t 0.07 --nce-m 0.5 --batch-size 256
     --lr 0.06 --schedule cosine --data-cache "$([ "$CPU" = 1 ] && echo memory || echo device)")
   if [ "$EPOCHS" = auto ]; then
-    $PY -m trainer.run --launcher local "${GPU[@]}" "${DATA_ARGS[@]}" "${RECIPE[@]}" \
+    timeout 120 $PY -m trainer.run --launcher local "${GPU[@]}" "${DATA_ARGS[@]}" "${RECIPE[@]}" \
       --epochs 2 --eval-every 0 --loader-workers "$THREADS" --no-progress \
       --output "$OUT/probe" >"$OUT/probe.log" 2>&1 || { log "probe run failed (see probe.log)"; exit 1; }
     EPOCHS=$($PY benchmarks/device_summary.py --metrics "$OUT/probe/metrics.jsonl" \
@@ -93,6 +94,10 @@ fi
 [ "${COMPILE:-0}" = 1 ] && RECIPE+=(--compile)
 
 left=$((LIMIT - SECONDS - 15))
+if [ "$left" -lt 30 ]; then
+  log "no time left to train (${left}s): stopping at $SECONDS s"
+  exit 1
+fi
 log "training: ${RECIPE[*]} (at most ${left}s)"
 timeout "$left" $PY -m trainer.run --launcher local "${GPU[@]}" "${DATA_ARGS[@]}" "${RECIPE[@]}" \
   --loader-workers "$THREADS" --checkpoint-every 1000 --no-progress --output "$OUT/run" \

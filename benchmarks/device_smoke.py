@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -154,7 +155,7 @@ def check_train_steps(device: torch.device, rows: int, batch: int, steps: int) -
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    if not all(map(lambda v: v == v and abs(v) != float("inf"), losses)):
+    if not all(math.isfinite(v) for v in losses):
         raise AssertionError(f"non-finite loss: {losses}")
     if not min(losses[-3:]) < losses[0]:
         raise AssertionError(f"the loss did not fall on a fixed batch: {losses}")

@@ -91,8 +91,9 @@ class StepProtocol:
         #: NCE with z_momentum: this client's last Z observation, sent with its next step.
         self._z_observation: float | None = None
         self._max_step = next_step - 1
-        #: Objective keys each shard has been sent.
+        #: Objective keys each shard has been sent, and each objective's key.
         self._registered: list[set[str]] = [set() for _ in range(config.num_shards)]
+        self._keys: dict[Objective, str] = {}
 
     @property
     def next_step(self) -> int:
@@ -188,15 +189,17 @@ class StepProtocol:
     def _register(self, objective: Objective, shards: list[int] | None = None) -> str:
         """The objective's key, after sending the objective to the shards that lack it (once
         per shard; again to a shard that restarted)."""
-        data = objective.to_dict()
-        key = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        key = self._keys.get(objective)
+        if key is None:  # once per objective: steps only look the key up
+            data = json.dumps(objective.to_dict(), sort_keys=True)
+            key = self._keys[objective] = hashlib.sha1(data.encode()).hexdigest()[:16]
         with self._lock:
-            todo = [
-                s
-                for s in (range(self.config.num_shards) if shards is None else shards)
-                if shards is not None or key not in self._registered[s]
-            ]
+            if shards is None:
+                todo = [s for s in range(self.config.num_shards) if key not in self._registered[s]]
+            else:  # shards that said they do not know it
+                todo = list(shards)
         if todo:
+            data = objective.to_dict()
             self.group.call("register_objective", {s: (key, data) for s in todo})
             with self._lock:
                 for s in todo:

@@ -8,7 +8,6 @@ contract in ``pyproject.toml`` keeps it so.
 """
 
 import logging
-from pathlib import Path
 
 from trainer.checkpoints import STATE_FILE, latest_checkpoint, load_checkpoint
 from trainer.config import TrainConfig
@@ -16,7 +15,7 @@ from trainer.data import eval_loader
 from trainer.data.decode import decode_image
 from trainer.data.index import ShardIndex, load_index, read_index_table
 from trainer.data.segments import read_image_bytes as read_shard_images
-from trainer.data.sources import BUILTIN_DATASETS, BUILTIN_PREFIX
+from trainer.data.sources import builtin_name
 from trainer.evaluation import (
     EVAL_BATCH,
     EvalSetup,
@@ -41,11 +40,8 @@ def dataset_location(location: str, split: str) -> str:
     """``location`` itself, or for the built-in dataset's name (``digits``, or
     ``builtin:digits`` even beside a directory of that name) the shards of its ``split``
     (``"train"`` or ``"test"``), converted on first use; the log names where they are."""
-    name = location.removeprefix(BUILTIN_PREFIX)
-    builtin = location.startswith(BUILTIN_PREFIX) or (
-        location in BUILTIN_DATASETS and not Path(location).exists()
-    )
-    if not builtin:
+    name = builtin_name(location)
+    if name is None:
         return location
     from trainer.make_shards import ensure_builtin_dataset  # the writer: built-in data only
 

@@ -114,7 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML file with any of the settings below")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    types = {bool: None, int: int, float: float, str: None}
     for name in HELP:
         flag = "--" + name.replace("_", "-")
         help_text = _help(name, defaults.get(name))
@@ -126,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif name in _CHOICES:
             p.add_argument(flag, choices=_CHOICES[name], help=help_text)
         else:
-            kind = type(defaults.get(name)) if defaults.get(name) is not None else str
-            p.add_argument(flag, type=types.get(kind) or str, help=help_text)
+            kind = type(defaults.get(name))
+            p.add_argument(flag, type=kind if kind in (int, float) else str, help=help_text)
     return p
 
 

@@ -405,15 +405,10 @@ def encode_images(out_dir: str | os.PathLike[str], images: Sequence[Image.Image]
         raise ValueError(f"{out_dir}: encoder.json records no preprocessing (an older export)")
     model = load_encoder(out_dir)
     if not images:
-        return torch.empty(0, model_dim(document))
+        return torch.empty(0, int(document["low_dim"]))
     tf = build_transform(pre["preset"], train=False, image_size=pre["image_size"])
     batch = torch.stack([tf(to_rgb(image)) for image in images])
     return F.normalize(model(batch).float(), dim=1)
-
-
-def model_dim(document: Mapping[str, Any]) -> int:
-    """The embedding size an ``encoder.json`` describes."""
-    return int(document["low_dim"])
 
 
 def load_encoder(out_dir: str | os.PathLike[str]) -> nn.Module:

@@ -87,6 +87,25 @@ class Source:
     ignored: list[tuple[str, str]] = field(default_factory=list)
 
 
+def builtin_name(src: str | os.PathLike) -> str | None:
+    """The built-in dataset ``src`` names, or None: ``"builtin:<name>"`` always, a bare
+    ``"<name>"`` unless a path of that name exists (an existing path wins).
+
+    Raises:
+        SourceError: ``"builtin:<name>"`` with an unknown name.
+    """
+    name = os.fspath(src)
+    if name.startswith(BUILTIN_PREFIX):
+        if name[len(BUILTIN_PREFIX) :] not in BUILTIN_DATASETS:
+            raise SourceError(
+                f"unknown built-in dataset {name}; expected one of {', '.join(BUILTIN_DATASETS)}"
+            )
+        return name[len(BUILTIN_PREFIX) :]
+    if name in BUILTIN_DATASETS and not Path(name).exists():
+        return name
+    return None
+
+
 def open_source(
     src: str | os.PathLike, split: str = "train", exclude: Sequence[Path] = ()
 ) -> Source:
@@ -110,17 +129,10 @@ def open_source(
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    name = os.fspath(src)
-    if name.startswith(BUILTIN_PREFIX):
-        if name[len(BUILTIN_PREFIX) :] not in BUILTIN_DATASETS:
-            raise SourceError(
-                f"unknown built-in dataset {name}; expected one of {', '.join(BUILTIN_DATASETS)}"
-            )
+    if builtin_name(src) is not None:
         return _digits_source(split)
     path = Path(src)
     if not path.exists():
-        if name in BUILTIN_DATASETS:
-            return _digits_source(split)
         raise SourceError(
             f"source not found: {src} (expected a directory or a built-in dataset name: "
             f"{', '.join(BUILTIN_DATASETS)})"
