@@ -18,7 +18,6 @@ store's.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import threading
 import time
@@ -30,6 +29,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from featurestore import wire
+from featurestore.ray_connect import connect
 from featurestore.shard_actor import RemoteShard, ShardStamp, StoreConfig
 
 logger = logging.getLogger(__name__)
@@ -44,18 +44,13 @@ def actor_name(name: str, shard: int) -> str:
 
 
 def ensure_ray(connect_only: bool) -> None:
-    """Connect to Ray (``RAY_ADDRESS`` or the running local instance); start one if allowed."""
-    if ray.is_initialized():
-        return
-    if connect_only:
-        try:
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "auto")
-        except ConnectionError as err:
-            raise LookupError(
-                f"no running Ray cluster to attach a feature store to: {err}"
-            ) from None
-    else:
-        ray.init()
+    """Connect to Ray (``RAY_ADDRESS`` or a running local cluster); unless
+    ``connect_only``, start a local instance on loopback when there is none.
+
+    Raises:
+        LookupError: no cluster to attach to, or it refuses this client (one line).
+    """
+    connect(start_local=not connect_only)
 
 
 def lookup(name: str, namespace: str, shard: int):

@@ -15,6 +15,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from featurestore import ray_connect
 from trainer.checkpoints import ray_storage
 from trainer.config import ConfigError, TrainConfig
 from trainer.guard import TrainingStoppedError
@@ -24,21 +25,20 @@ from trainer.plan import RunPlan
 logger = logging.getLogger(__name__)
 
 
-def connect() -> bool:
-    """Connect to Ray (``RAY_ADDRESS`` when set, else a new local instance).
+def connect(create_store: bool = True) -> bool:
+    """Connect to Ray: ``RAY_ADDRESS`` when set, else a new local instance on 127.0.0.1
+    (a run that only attaches to ``--store-name`` looks for a running local cluster).
 
     Returns:
         True when this call started Ray (and the run should shut it down).
+
+    Raises:
+        ConfigError: no cluster to join, or it refuses this client (one line).
     """
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(log_to_driver=True)
-    return True
+    try:
+        return ray_connect.connect(start_local=create_store, log_to_driver=True)
+    except ray_connect.RayConnectError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def store_threads(cfg: TrainConfig, local_ray: bool) -> int:
@@ -54,7 +54,7 @@ def store_threads(cfg: TrainConfig, local_ray: bool) -> int:
 
 def open_store(cfg: TrainConfig, plan: RunPlan, local_ray: bool = False):
     """Create the run's store or attach to ``--store-name``; check it fits the data."""
-    if cfg.resolved_bank == "local":
+    if cfg.resolved_bank != "store":  # in-process bank, or none (--objective parametric)
         return None
     from featurestore.store import ShardedStore
 
@@ -88,6 +88,16 @@ def open_store(cfg: TrainConfig, plan: RunPlan, local_ray: bool = False):
     )
 
 
+def torch_config(backend: str) -> TorchConfig:
+    """Ray Train's torch setup; with the local Ray this process started, the workers'
+    rendezvous listens on 127.0.0.1 only (:mod:`trainer.rendezvous`)."""
+    if ray_connect.started_on_loopback():
+        from trainer.rendezvous import LoopbackTorchConfig
+
+        return LoopbackTorchConfig(backend=backend)
+    return TorchConfig(backend=backend)
+
+
 def build_trainer(
     cfg: TrainConfig,
     plan: RunPlan,
@@ -104,7 +114,7 @@ def build_trainer(
     return TorchTrainer(
         loop,
         train_loop_config={"config": cfg.to_dict(), "plan": plan.to_dict(), **(extra or {})},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        torch_config=torch_config(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -125,7 +135,7 @@ def build_trainer(
 def run(cfg: TrainConfig, plan: RunPlan) -> None:
     """Train; raises on failure. Starts and stops Ray and the store when it made them."""
     Path(plan.output).mkdir(parents=True, exist_ok=True)
-    started = connect()
+    started = connect(plan.create_store)
     store = None
     try:
         store = open_store(cfg, plan, local_ray=started)

@@ -1,0 +1,168 @@
+"""How every npid command reaches Ray: the cluster ``RAY_ADDRESS`` names, or a local
+instance that listens on loopback only.
+
+# Ray: the one place npid calls ``ray.init``.
+
+- ``RAY_ADDRESS`` set (``ray job submit`` sets it; so does a user joining a cluster): join
+  that cluster, unchanged. Before Ray's own connect (which retries for about 20 s and ends
+  in a traceback) two quick checks turn the common mistakes into one line: nothing answers
+  at the address, or the cluster wants token authentication and this client has no token.
+- Otherwise, where a command may start Ray (``trainer.run``, a new ``ShardedStore``): a
+  new local instance (never a stray one found on this machine) whose every process (GCS,
+  raylet, workers, agents, dashboard) binds 127.0.0.1, because an unauthenticated Ray on
+  all interfaces lets anyone on the network run code. :func:`started_on_loopback` tells
+  the trainer to keep its torch rendezvous on loopback too.
+- A command that only attaches (``featurestore status``, ``knn_service.serve
+  --store-name``) looks for a running local cluster (``ray start --head``) and otherwise
+  says how to start one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+#: Ray's switch: "0" makes the node address 127.0.0.1 (read when Ray is imported; the
+#: processes a driver starts inherit it).
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+TOKEN_HINT = (
+    "a cluster started with a plain `ray start --head` uses token authentication: every "
+    "client needs the head's `RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<token>` (or "
+    "RAY_AUTH_TOKEN_PATH) in its environment"
+)
+START_HINT = (
+    "start one with `export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(openssl rand -hex 32); "
+    "ray start --head` and export RAY_ADDRESS=127.0.0.1:6379 (or run this inside "
+    "`ray job submit`)"
+)
+
+_started_local = False
+
+
+class RayConnectError(LookupError):
+    """Ray could not be reached; the message says why and what to do, on one line."""
+
+
+def started_on_loopback() -> bool:
+    """True when this process started the local Ray instance (bound to 127.0.0.1)."""
+    import ray
+
+    return _started_local and ray.is_initialized()
+
+
+def loopback_only() -> None:
+    """Make a Ray instance this process starts listen on 127.0.0.1 only.
+
+    Sets :data:`LOCAL_ONLY_ENV` (inherited by every process Ray starts) and, when Ray is
+    already imported, Ray's constant read from it at import.
+    """
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Raise :class:`RayConnectError` when nothing accepts a TCP connection at ``address``
+    (``host:port``; other forms are left to Ray)."""
+    parsed = _host_port(address)
+    if parsed is None:
+        return
+    try:
+        with socket.create_connection(parsed, timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise RayConnectError(
+            f"RAY_ADDRESS={address}: no Ray cluster answers there ({exc.strerror or exc}); "
+            f"{START_HINT}"
+        ) from None
+
+
+def _has_token_config() -> bool:
+    return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+
+
+def check_token(address: str) -> None:
+    """Raise :class:`RayConnectError` at once when the cluster at ``address`` wants token
+    authentication and this process has none configured (Ray would retry for 20 s)."""
+    if _has_token_config() or _host_port(address) is None:
+        return
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # another Ray version: leave it to ray.init
+        return
+    try:
+        GcsClient(address=address)
+    except AuthenticationError:
+        raise RayConnectError(f"RAY_ADDRESS={address}: {TOKEN_HINT}") from None
+    except Exception as exc:  # only a probe: ray.init gives the real error
+        logger.debug("Ray probe of %s: %s", address, exc)
+
+
+def connect(*, start_local: bool, **init_kwargs: Any) -> bool:
+    """Connect this process to Ray once.
+
+    Args:
+        start_local: without ``RAY_ADDRESS``, start a local instance on 127.0.0.1 (else
+            attach to a running local cluster, or fail with how to start one).
+        init_kwargs: more ``ray.init`` arguments (``log_to_driver``, ``num_cpus`` …).
+
+    Returns:
+        True when this call started a local instance (the caller shuts it down).
+
+    Raises:
+        RayConnectError: no cluster to join, or it refuses this client (one line).
+    """
+    global _started_local
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is not None and address != "auto":
+        if not address.startswith("ray://"):
+            check_reachable(address)
+            check_token(address)
+        try:
+            ray.init(address=address, **init_kwargs)
+        except ConnectionError as exc:
+            hint = "is RAY_AUTH_TOKEN the head's token?" if _has_token_config() else TOKEN_HINT
+            raise RayConnectError(f"RAY_ADDRESS={address}: {exc}; {hint}") from None
+        return False
+    if address == "auto" or not start_local:
+        try:
+            ray.init(address="auto", **init_kwargs)
+        except ConnectionError:
+            raise RayConnectError(f"no running Ray cluster; {START_HINT}") from None
+        return False
+    loopback_only()
+    ray.init(address="local", _node_ip_address=LOOPBACK, **init_kwargs)
+    _started_local = True
+    logger.info("started a local Ray instance on %s (set RAY_ADDRESS to join a cluster)", LOOPBACK)
+    return True
+
+
+__all__ = [
+    "LOCAL_ONLY_ENV",
+    "LOOPBACK",
+    "RayConnectError",
+    "check_reachable",
+    "check_token",
+    "connect",
+    "loopback_only",
+    "started_on_loopback",
+]
