@@ -66,6 +66,8 @@ class KnnService:
         max_k: largest ``k`` a query may ask for (also capped by the row count).
         max_queries: most vectors/images per request.
         max_pixels: largest decoded image (width x height).
+        rows: returns the bank rows ``[Q, d]`` of instance ids ``[Q]`` (``ids`` queries;
+            ``None``: they are rejected).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class KnnService:
         max_k: int = 1000,
         max_queries: int = 1024,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        rows: Callable[[np.ndarray], Any] | None = None,
     ) -> None:
         if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
             raise ValueError(f"max_k must be an int >= 1, got {max_k!r}")
@@ -94,6 +97,7 @@ class KnnService:
         self.max_k = max_k
         self.max_queries = max_queries
         self.max_pixels = max_pixels
+        self.rows = rows
         self._state: IndexState | None = None
         self._build_lock = threading.Lock()
         self._labels = None if train is None else torch.from_numpy(train.labels)
@@ -161,6 +165,8 @@ class KnnService:
         """
         if query.vectors is not None:
             return query.vectors
+        if query.ids is not None:
+            return self._id_vectors(query.ids)
         if self.encoder is None:
             raise RequestError(
                 400,
@@ -174,6 +180,20 @@ class KnnService:
             for i, data in enumerate(query.images)
         ]
         return self.encoder.encode_images(pil).numpy()
+
+    def _id_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """``[Q, d]`` unit bank rows of instance ids ``[Q]``."""
+        if self.rows is None:
+            raise RequestError(400, "this service cannot look rows up by id: send 'vectors'")
+        rows = self.state.rows
+        bad = ids >= rows
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise RequestError(
+                400, f"ids[{i}] = {int(ids[i])} is not an instance id in [0, {rows})"
+            )
+        x = torch.as_tensor(self.rows(ids)).float()  # [Q, d]
+        return torch.nn.functional.normalize(x, dim=1).numpy()
 
     def _search(self, query: Query) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.state  # one index for the whole request

@@ -5,6 +5,8 @@ A query body is a JSON object with exactly one of
 - ``"vectors"``: a list of ``Q`` lists of ``d`` finite numbers (``1 <= Q <= max_queries``);
 - ``"image"``: one base64-encoded image file (any format PIL reads), or ``"images"``: a list of
   them (encoded with the service's encoder and test transform);
+- ``"ids"``: a list of training instance ids, whose bank rows are the queries ("more like
+  this"; an instance is its own first neighbour);
 
 plus ``"k"`` (int, default 10) and, for ``/classify``, ``"temperature"`` (finite number
 > 0, default 0.07). Unknown fields are rejected, so typos do not pass silently.
@@ -35,6 +37,7 @@ __all__ = [
     "RequestError",
     "check_k",
     "decode_image_payload",
+    "parse_ids",
     "parse_json",
     "parse_query",
 ]
@@ -60,6 +63,8 @@ class Query:
     Attributes:
         vectors: ``[Q, d]`` float32 unit rows, or ``None`` for an image query.
         images: raw image files (base64-decoded, not yet decoded), or ``None``.
+        ids: ``[Q]`` int64 training instance ids (range checked against the index by the
+            service), or ``None``.
         k: neighbours per query (range checked against the index by :func:`check_k`).
         temperature: ``σ`` of the vote weights ``exp(s / σ)``.
     """
@@ -68,9 +73,12 @@ class Query:
     images: list[bytes] | None
     k: int
     temperature: float
+    ids: np.ndarray | None = None
 
     @property
     def num_queries(self) -> int:
+        if self.ids is not None:
+            return int(self.ids.shape[0])
         return len(self.images) if self.images is not None else int(self.vectors.shape[0])
 
 
@@ -104,14 +112,15 @@ def parse_query(
     """
     if not isinstance(payload, dict):
         raise RequestError(400, f"request body must be a JSON object, got {_json_type(payload)}")
-    allowed = {"vectors", "image", "images", "k"} | ({"temperature"} if classify else set())
+    allowed = {"vectors", "image", "images", "ids", "k"} | ({"temperature"} if classify else set())
     unknown = sorted(set(payload) - allowed)
     if unknown:
         raise RequestError(400, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
-    given = [name for name in ("vectors", "image", "images") if name in payload]
+    given = [name for name in ("vectors", "image", "images", "ids") if name in payload]
     if len(given) != 1:
         raise RequestError(
-            400, f"give exactly one of 'vectors', 'image' or 'images' (got {given or 'none'})"
+            400,
+            f"give exactly one of 'vectors', 'image', 'images' or 'ids' (got {given or 'none'})",
         )
     k = payload.get("k", DEFAULT_K)
     if isinstance(k, bool) or not isinstance(k, int):
@@ -127,6 +136,8 @@ def parse_query(
     if "vectors" in payload:
         vectors = parse_vectors(payload["vectors"], dim, max_queries)
         return Query(vectors, None, k, float(temperature))
+    if "ids" in payload:
+        return Query(None, None, k, float(temperature), parse_ids(payload["ids"], max_queries))
     if "image" in payload:
         images = [_decode_base64(payload["image"], "image")]
     else:
@@ -177,6 +188,22 @@ def parse_vectors(value: Any, dim: int, max_queries: int = 1024) -> np.ndarray:
     x = x / scale
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float32)
+
+
+def parse_ids(value: Any, max_queries: int = 1024) -> np.ndarray:
+    """``[Q]`` int64 instance ids from a JSON list of non-negative integers.
+
+    Raises:
+        RequestError: not a non-empty list of integers >= 0 (400); too many (413).
+    """
+    if not isinstance(value, list) or not value:
+        raise RequestError(400, "'ids' must be a non-empty list of training instance ids")
+    for i, x in enumerate(value):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise RequestError(400, f"ids[{i}] must be an integer >= 0, got {x!r}")
+    if len(value) > max_queries:
+        raise RequestError(413, f"too many ids: {len(value)} > {max_queries} per request")
+    return np.array(value, dtype=np.int64)
 
 
 def check_k(k: int, rows: int, max_k: int) -> int:

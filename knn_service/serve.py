@@ -1,22 +1,32 @@
-"""The kNN query service over a running feature store.
+"""The kNN query service over a training run's bank, a snapshot, or a running feature store.
 
-    python -m knn_service.serve --store-name NAME [--namespace npid]
+    python -m knn_service.serve (--run RUN_DIR | --snapshot URI | --store-name NAME)
         [--train-data DIR_OR_URL] [--checkpoint PATH] [--host 127.0.0.1] [--port 8000]
         [--refresh-seconds N] [--kind flat|ivf] [--max-k 1000] [--max-queries 1024]
         [--max-body-bytes 8388608]
 
-The process attaches to the store's shard actors over Ray (``RAY_ADDRESS`` or the local
-cluster), builds a FAISS/torch index from ``store.export()``, and serves the HTTP API of
-:mod:`knn_service.http_app` from this process (aiohttp), rebuilding the index on ``POST /refresh``
-and every ``--refresh-seconds``. ``--train-data`` supplies neighbour labels, keys and source
-paths (and enables ``/classify``); ``--checkpoint`` (exported encoder, training checkpoint or
-run directory) enables image queries. Query vectors are L2-normalized before the search; the
-similarity is the inner product with the bank row (the cosine, as the store's momentum update
-keeps rows unit length). It binds 127.0.0.1 unless ``--host`` says otherwise; with
-``NPID_API_TOKEN`` set every route but ``/healthz`` needs ``Authorization: Bearer <token>``.
+Where the bank comes from (:mod:`knn_service.bank_sources`):
 
-Bad arguments (no such store, unreadable data or checkpoint, mismatched dims or row counts,
-a port in use) print one line on stderr and exit with status 2.
+- ``--run RUN_DIR`` (``trainer.run --output``): the run's newest bank snapshot (or, for an
+  in-process bank, its newest checkpoint), its exported encoder and its training data's
+  labels, all read from files: no cluster to start;
+- ``--snapshot URI``: a store snapshot, or a snapshot directory (its newest snapshot, looked
+  up again on every rebuild);
+- ``--store-name NAME``: a running feature store, attached over Ray (``RAY_ADDRESS``, or the
+  running local cluster).
+
+The service builds a FAISS/torch index from the bank and serves the HTTP API of
+:mod:`knn_service.http_app` from this process (aiohttp), rebuilding the index on ``POST
+/refresh`` and every ``--refresh-seconds``. ``--train-data`` supplies neighbour labels, keys
+and source paths (and enables ``/classify``); ``--checkpoint`` (exported encoder, training
+checkpoint or run directory) enables image queries; ``--run`` gives both unless they are
+named. Query vectors are L2-normalized before the search; the similarity is the inner
+product with the bank row (the cosine, as the store's momentum update keeps rows unit
+length). It binds 127.0.0.1 unless ``--host`` says otherwise; with ``NPID_API_TOKEN`` set
+every route but ``/healthz`` needs ``Authorization: Bearer <token>``.
+
+Bad arguments (no such run, snapshot or store, unreadable data or checkpoint, mismatched
+dims or row counts, a port in use) print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from knn_service.cli import (
     DEFAULT_MAX_BODY_BYTES,
@@ -39,6 +49,7 @@ from knn_service.cli import (
 )
 
 if TYPE_CHECKING:  # the heavy modules are imported when serving starts: --help stays fast
+    from knn_service.bank_sources import BankSource
     from knn_service.http_app import AppSettings
     from knn_service.query_engine import KnnService
 
@@ -57,11 +68,25 @@ def parser() -> argparse.ArgumentParser:
         epilog=f"Authentication: set {TOKEN_ENV} to require 'Authorization: Bearer <token>' "
         "on every route but /healthz (unset or empty: no token).",
     )
-    p.add_argument("--store-name", required=True, help="name of the running feature store")
-    p.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Ray namespace of the store")
-    p.add_argument("--train-data", help="training shards (labels, keys; enables /classify)")
+    bank = p.add_mutually_exclusive_group(required=True)
+    bank.add_argument(
+        "--run",
+        help="a training run's output directory: its newest bank snapshot, exported encoder "
+        "and training labels (no cluster needed)",
+    )
+    bank.add_argument(
+        "--snapshot", help="a store snapshot, or a directory of them (the newest; no cluster)"
+    )
+    bank.add_argument("--store-name", help="name of a running feature store (over Ray)")
+    p.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Ray namespace of --store-name")
     p.add_argument(
-        "--checkpoint", help="exported encoder, training checkpoint or run dir (image queries)"
+        "--train-data",
+        help="training shards (labels, keys; enables /classify; default with --run: the run's)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="exported encoder, training checkpoint or run dir (image queries; default with "
+        "--run: the run's encoder)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     p.add_argument("--port", type=port_number, default=8000, help="port (0: any free port)")
@@ -93,11 +118,46 @@ def settings_from_args(args: argparse.Namespace) -> AppSettings:
     )
 
 
-def build_service(args: argparse.Namespace) -> tuple[KnnService, Any]:
-    """Attach to the store, load labels and encoder, build the first index.
+def open_bank(args: argparse.Namespace) -> BankSource:
+    """The bank source the arguments name (``--run``, ``--snapshot`` or ``--store-name``).
+
+    Raises:
+        UsageError: nothing readable there (message names the flag).
+    """
+    from knn_service import bank_sources
+
+    if args.run is not None:
+        try:
+            return bank_sources.run_source(args.run)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--run {args.run}: {exc}") from None
+    if args.snapshot is not None:
+        try:
+            return bank_sources.snapshot_source(args.snapshot)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--snapshot {args.snapshot}: {exc}") from None
+    from featurestore.store import ShardedStore  # imports Ray
+
+    try:
+        store = ShardedStore.attach(args.store_name, namespace=args.namespace)
+    except (LookupError, ValueError) as exc:
+        raise UsageError(f"--store-name {args.store_name}: {exc}") from None
+    return bank_sources.store_source(store)
+
+
+def _bank_flag(args: argparse.Namespace) -> str:
+    if args.run is not None:
+        return f"--run {args.run}"
+    if args.snapshot is not None:
+        return f"--snapshot {args.snapshot}"
+    return f"--store-name {args.store_name}"
+
+
+def build_service(args: argparse.Namespace) -> tuple[KnnService, BankSource]:
+    """Open the bank, load labels and encoder, build the first index.
 
     Returns:
-        ``(service, store)``.
+        ``(service, bank source)``.
 
     Raises:
         UsageError: a bad input (message names it).
@@ -107,51 +167,54 @@ def build_service(args: argparse.Namespace) -> tuple[KnnService, Any]:
     from knn_service.train_labels import TrainLabels
     from trainer.api import dataset_location
 
+    bank = open_bank(args)
+    flag = _bank_flag(args)
     train = None
+    train_flag = "--train-data"
     train_data = args.train_data
+    if train_data is None and bank.train_data is not None:
+        train_data, train_flag = bank.train_data, f"{flag} (its training data)"
     if train_data is not None:
+        shown = args.train_data or train_data
         try:
             train_data = dataset_location(train_data, "train")  # also the built-in "digits"
             train = TrainLabels.load(train_data)
         except (OSError, ValueError) as exc:
-            raise UsageError(f"--train-data {args.train_data}: {exc}") from None
+            raise UsageError(f"{train_flag} {shown}: {exc}") from None
     encoder = None
-    if args.checkpoint is not None:
+    checkpoint, checkpoint_flag = args.checkpoint, "--checkpoint"
+    if checkpoint is None and bank.encoder is not None:
+        checkpoint, checkpoint_flag = bank.encoder, f"{flag} (its encoder)"
+    if checkpoint is not None:
         try:
-            encoder = load_encoder_from(args.checkpoint, train_data, device=args.device)
+            encoder = load_encoder_from(checkpoint, train_data, device=args.device)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise UsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
-
-    from featurestore.store import ShardedStore  # imports Ray
-
-    try:
-        store = ShardedStore.attach(args.store_name, namespace=args.namespace)
-    except (LookupError, ValueError) as exc:
-        raise UsageError(f"--store-name {args.store_name}: {exc}") from None
-    if encoder is not None and encoder.dim != store.dim:
+            raise UsageError(f"{checkpoint_flag} {checkpoint}: {exc}") from None
+    if encoder is not None and encoder.dim != bank.dim:
         raise UsageError(
-            f"--checkpoint {args.checkpoint} embeds in {encoder.dim} dims but store "
-            f"{args.store_name!r} has dim {store.dim}"
+            f"{checkpoint_flag} {checkpoint} embeds in {encoder.dim} dims but the bank of "
+            f"{flag} has dim {bank.dim}"
         )
-    if train is not None and train.num_instances != store.num_rows:
+    if train is not None and train.num_instances != bank.num_rows:
         raise UsageError(
-            f"--train-data {args.train_data} has {train.num_instances} instances but store "
-            f"{args.store_name!r} has {store.num_rows} rows"
+            f"{train_flag} {args.train_data or train_data} has {train.num_instances} "
+            f"instances but the bank of {flag} has {bank.num_rows} rows"
         )
     service = KnnService(
-        store.export,
-        dim=store.dim,
+        bank.export,
+        dim=bank.dim,
         kind=args.kind,
         train=train,
         encoder=encoder,
         max_k=args.max_k,
         max_queries=args.max_queries,
+        rows=bank.rows,
     )
     try:
         service.refresh()
-    except ValueError as exc:
-        raise UsageError(f"--store-name {args.store_name}: {exc}") from None
-    return service, store
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    return service, bank
 
 
 async def serve(service: KnnService, settings: AppSettings, host: str, port: int) -> None:
@@ -192,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             "serving on %s without %s: anyone who can reach it can query", args.host, TOKEN_ENV
         )
     try:
-        service, _store = build_service(args)
+        service, bank = build_service(args)
+        logger.info("bank: %s", bank.described)
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from trainer.models import (
     load_encoder,
     read_export_config,
 )
+from trainer.run_record import local_bank_state, read_run_record
 from trainer.transforms import DEFAULT_SIZE, PRESETS, build_transform
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ __all__ = [
     "load_checkpoint",
     "load_encoder",
     "load_index",
+    "local_bank_state",
     "read_export_config",
     "read_index_table",
+    "read_run_record",
     "read_shard_images",
 ]

@@ -24,6 +24,8 @@ from trainer.plan import RunPlan
 
 logger = logging.getLogger(__name__)
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
 
 def connect(create_store: bool = True) -> bool:
     """Connect to Ray: ``RAY_ADDRESS`` when set, else a new local instance on 127.0.0.1
@@ -35,6 +37,10 @@ def connect(create_store: bool = True) -> bool:
     Raises:
         ConfigError: no cluster to join, or it refuses this client (one line).
     """
+    if create_store and not os.environ.get("RAY_ADDRESS"):
+        # One machine, nothing to preempt: Ray Train's preemption watcher only adds an
+        # error-level line about its own constructor to a default run's log.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     try:
         return ray_connect.connect(start_local=create_store, log_to_driver=True)
     except ray_connect.RayConnectError as exc:

@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from trainer import driver  # type: ignore[no-redef]
 
+    from trainer.run_record import write_run_record
+
+    write_run_record(plan)  # what knn_service.serve --run RUN_DIR reads
     log.info(
         "npid: %d instances, %s, arch %s, %d epochs, output %s",
         plan.num_rows,

@@ -1,0 +1,117 @@
+"""``OUTPUT/run.json``: what a run directory holds, for the commands that come after it.
+
+``trainer.run`` writes it before training starts (again on ``--resume``): the resolved
+training and validation data, the instance count, the embedding size, the network, the
+bank kind and where its snapshots go. ``python -m knn_service.serve --run RUN_DIR`` reads
+it to serve the run without a cluster. Runs written before this file existed are read
+from their newest checkpoint's config instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from featurestore.files import write_text_atomic
+from trainer.checkpoints import latest_checkpoint, load_checkpoint
+
+RUN_FILE = "run.json"
+SNAPSHOT_SUBDIR = "snapshots"
+EXPORT_SUBDIR = "encoder"
+
+
+def write_run_record(plan: Any) -> Path:
+    """Write ``plan.output/run.json`` from a :class:`trainer.plan.RunPlan`."""
+    output = Path(plan.output)
+    bank = plan.config.get("bank", "store")
+    if plan.config.get("launcher") == "local":
+        bank = "local"
+    record = {
+        "train_data": plan.train_data,
+        "val_data": plan.val_data,
+        "num_rows": plan.num_rows,
+        "num_classes": plan.num_classes,
+        "low_dim": plan.config.get("low_dim"),
+        "arch": plan.arch,
+        "preset": plan.preset,
+        "objective": plan.objective,
+        "bank": bank,
+        "store_name": plan.store_name,
+        "snapshots": str(output / SNAPSHOT_SUBDIR) if plan.create_store else None,
+        "encoder": str(output / EXPORT_SUBDIR),
+        "checkpoints": plan.storage_path,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / RUN_FILE
+    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's ``run.json``, or for an older run what its newest checkpoint says.
+
+    Raises:
+        FileNotFoundError: not a directory, or neither ``run.json`` nor a checkpoint.
+        ValueError: an unreadable ``run.json``.
+    """
+    where = Path(run_dir)
+    if not where.is_dir():
+        raise FileNotFoundError(f"{where}: no such run directory")
+    path = where / RUN_FILE
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or "train_data" not in record:
+            raise ValueError(f"{path}: not a run record (no train_data)")
+        return record
+    found = latest_checkpoint(where)
+    if found is None:
+        raise FileNotFoundError(
+            f"{where}: not a run directory (no {RUN_FILE} and no checkpoint below it)"
+        )
+    _, config = load_checkpoint(found)
+    snapshots = where / SNAPSHOT_SUBDIR
+    return {
+        "train_data": config.get("data"),
+        "val_data": config.get("val_data"),
+        "low_dim": config.get("low_dim"),
+        "bank": "local" if config.get("launcher") == "local" else config.get("bank", "store"),
+        "snapshots": str(snapshots) if snapshots.is_dir() else None,
+        "encoder": str(where / EXPORT_SUBDIR),
+        "checkpoints": str(where),
+    }
+
+
+def local_bank_state(run_dir: str | os.PathLike, record: dict[str, Any]) -> dict[str, Any]:
+    """The in-process bank (``rows`` ``[N, d]``, ``z``, ``step``) of the run's newest
+    checkpoint (``--bank local`` / ``--launcher local`` runs keep it there).
+
+    Raises:
+        FileNotFoundError: no checkpoint, or it holds no in-process bank.
+    """
+    roots = [record.get("checkpoints"), str(run_dir)]
+    for root in [r for r in roots if r]:
+        found = latest_checkpoint(root)
+        if found is None:
+            continue
+        state, _ = load_checkpoint(found)
+        if state.bank is None:
+            raise FileNotFoundError(f"checkpoint {found} holds no in-process bank")
+        return state.bank
+    raise FileNotFoundError(f"{run_dir}: no checkpoint with the bank below it yet")
+
+
+__all__ = [
+    "EXPORT_SUBDIR",
+    "RUN_FILE",
+    "SNAPSHOT_SUBDIR",
+    "local_bank_state",
+    "read_run_record",
+    "write_run_record",
+]
