@@ -19,9 +19,12 @@ instance that listens on loopback only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -74,9 +77,9 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+def check_reachable(address: str, timeout_s: float = 3.0, what: str | None = None) -> None:
     """Raise :class:`RayConnectError` when nothing accepts a TCP connection at ``address``
-    (``host:port``; other forms are left to Ray)."""
+    (``host:port``; other forms are left to Ray); ``what`` names it in the message."""
     parsed = _host_port(address)
     if parsed is None:
         return
@@ -85,8 +88,8 @@ def check_reachable(address: str, timeout_s: float = 3.0) -> None:
             pass
     except OSError as exc:
         raise RayConnectError(
-            f"RAY_ADDRESS={address}: no Ray cluster answers there ({exc.strerror or exc}); "
-            f"{START_HINT}"
+            f"{what or f'RAY_ADDRESS={address}'}: no Ray cluster answers there "
+            f"({exc.strerror or exc}); {START_HINT}"
         ) from None
 
 
@@ -94,20 +97,62 @@ def _has_token_config() -> bool:
     return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
 
 
-def check_token(address: str) -> None:
-    """Raise :class:`RayConnectError` at once when the cluster at ``address`` wants token
-    authentication and this process has none configured (Ray would retry for 20 s)."""
-    if _has_token_config() or _host_port(address) is None:
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null inside the block (C++ logging writes there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def local_cluster_address() -> str | None:
+    """The address ``ray start --head`` recorded on this machine, if any."""
+    try:
+        from ray._private.services import find_bootstrap_address
+    except ImportError:
+        return None
+    try:
+        return find_bootstrap_address(None)
+    except Exception:  # no record, unreadable: there is no local cluster to use
+        return None
+
+
+def check_token(address: str, what: str | None = None, auto: bool = False) -> None:
+    """Raise :class:`RayConnectError` at once when the cluster at ``address`` refuses this
+    client: it wants token authentication and this process has no token, or another one
+    (Ray itself would retry for 20 s and end in a traceback). ``what`` names the cluster in
+    the message; ``auto``: found on this machine, where Ray also reads ``~/.ray/auth_token``.
+    """
+    if _host_port(address) is None:
         return
     try:
+        from ray._private.authentication import authentication_token_setup as tokens
         from ray._raylet import GcsClient
         from ray.exceptions import AuthenticationError
     except ImportError:  # another Ray version: leave it to ray.init
         return
+    name = what or f"RAY_ADDRESS={address}"
     try:
-        GcsClient(address=address)
+        if auto:  # what ray.init(address="auto") does first
+            tokens.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        tokens.ensure_token_if_auth_enabled(None, create_token_if_missing=False)
+        with _quiet_stderr():  # Ray's C++ client logs the refusal itself
+            GcsClient(address=address)
     except AuthenticationError:
-        raise RayConnectError(f"RAY_ADDRESS={address}: {TOKEN_HINT}") from None
+        if _has_token_config():
+            raise RayConnectError(
+                f"{name}: the cluster refused this client's token: RAY_AUTH_TOKEN (or "
+                "RAY_AUTH_TOKEN_PATH) must hold the head's token"
+            ) from None
+        raise RayConnectError(f"{name}: {TOKEN_HINT}") from None
+    except RuntimeError as exc:  # token mode without a token
+        raise RayConnectError(f"{name}: {exc}; {TOKEN_HINT}") from None
     except Exception as exc:  # only a probe: ray.init gives the real error
         logger.debug("Ray probe of %s: %s", address, exc)
 
@@ -140,14 +185,18 @@ def connect(*, start_local: bool, **init_kwargs: Any) -> bool:
         try:
             ray.init(address=address, **init_kwargs)
         except ConnectionError as exc:
-            hint = "is RAY_AUTH_TOKEN the head's token?" if _has_token_config() else TOKEN_HINT
-            raise RayConnectError(f"RAY_ADDRESS={address}: {exc}; {hint}") from None
+            raise RayConnectError(f"RAY_ADDRESS={address}: {exc}; {TOKEN_HINT}") from None
         return False
     if address == "auto" or not start_local:
+        found = local_cluster_address()
+        if found is None:
+            raise RayConnectError(f"no running Ray cluster; {START_HINT}")
+        check_reachable(found, what=f"the local cluster recorded by `ray start` ({found})")
+        check_token(found, what=f"the local cluster at {found}", auto=True)
         try:
             ray.init(address="auto", **init_kwargs)
-        except ConnectionError:
-            raise RayConnectError(f"no running Ray cluster; {START_HINT}") from None
+        except ConnectionError as exc:
+            raise RayConnectError(f"the local cluster at {found}: {exc}; {TOKEN_HINT}") from None
         return False
     loopback_only()
     ray.init(address="local", _node_ip_address=LOOPBACK, **init_kwargs)
@@ -163,6 +212,7 @@ __all__ = [
     "check_reachable",
     "check_token",
     "connect",
+    "local_cluster_address",
     "loopback_only",
     "started_on_loopback",
 ]

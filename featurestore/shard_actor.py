@@ -222,6 +222,19 @@ def _was_reconstructed() -> bool:
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
+def _memory(rows: Tensor) -> dict[str, int]:
+    """Bytes of the shard's rows, of its process (RSS) and, on a GPU, allocated there."""
+    import psutil
+
+    found = {
+        "rows_bytes": rows.numel() * rows.element_size(),
+        "process_rss_bytes": psutil.Process().memory_info().rss,
+    }
+    if rows.is_cuda:
+        found["cuda_allocated_bytes"] = torch.cuda.memory_allocated(rows.device)
+    return found
+
+
 class ShardActor:
     """Shard ``shard`` of a store: rows ``[bounds[shard], bounds[shard + 1])``.
 
@@ -479,6 +492,7 @@ class ShardActor:
                 "device": str(self.bank.device),
                 "last_snapshot_step": self._last_snapshot_step,
                 "snapshot_failures": self._snapshot_failures,
+                "memory": _memory(self.bank.rows),
             }
 
     def _snapshot_due(self, next_step: int) -> bool:

@@ -40,6 +40,7 @@ from trainer.guard import DivergenceWatch, TrainingStoppedError
 from trainer.metrics import append_jsonl, truncate_jsonl_after
 from trainer.models import EncoderConfig, build_encoder, export_encoder
 from trainer.plan import RunPlan
+from trainer.run_record import snapshot_for_checkpoint
 from trainer.runtime import Metrics, Runtime
 from trainer.transforms import build_transform
 
@@ -352,7 +353,7 @@ def checkpoint(w: Worker, epoch: int, step: int, record: dict) -> None:
         optimizer=w.optimizer.state_dict(),
         epoch=epoch,
         step=step,
-        store_snapshot=None if local else w.bank.snapshot(),
+        store_snapshot=None if local else snapshot_for_checkpoint(w.bank, w.plan),
         bank=w.bank.state_dict() if local else None,
     )
     with tempfile.TemporaryDirectory(prefix="npid-ckpt-") as tmp:

@@ -21,6 +21,8 @@ from trainer.checkpoints import latest_checkpoint, load_checkpoint
 RUN_FILE = "run.json"
 SNAPSHOT_SUBDIR = "snapshots"
 EXPORT_SUBDIR = "encoder"
+#: Snapshots of an attached store kept in the run directory (more than the checkpoints kept).
+KEEP_SNAPSHOTS = 3
 
 
 def write_run_record(plan: Any) -> Path:
@@ -29,6 +31,8 @@ def write_run_record(plan: Any) -> Path:
     bank = plan.config.get("bank", "store")
     if plan.config.get("launcher") == "local":
         bank = "local"
+    if plan.objective.get("kind") == "parametric":
+        bank = "none"  # a learned classifier, no memory bank
     record = {
         "train_data": plan.train_data,
         "val_data": plan.val_data,
@@ -40,7 +44,7 @@ def write_run_record(plan: Any) -> Path:
         "objective": plan.objective,
         "bank": bank,
         "store_name": plan.store_name,
-        "snapshots": str(output / SNAPSHOT_SUBDIR) if plan.create_store else None,
+        "snapshots": str(output / SNAPSHOT_SUBDIR) if bank == "store" else None,
         "encoder": str(output / EXPORT_SUBDIR),
         "checkpoints": plan.storage_path,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -88,6 +92,25 @@ def read_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def snapshot_for_checkpoint(store: Any, plan: Any) -> str:
+    """Snapshot ``store`` for a checkpoint of the run ``plan`` describes; returns the URI.
+
+    A store the run created writes to its ``snapshot_dir`` (the run's ``snapshots/``). A
+    store the run attached to (``--store-name``, e.g. one ``python -m featurestore start``
+    started) keeps its own directory for its automatic snapshots; the run's checkpoints put
+    theirs in the run's ``snapshots/`` (newest :data:`KEEP_SNAPSHOTS` kept), so the run
+    directory alone can be served or resumed.
+    """
+    if plan.create_store:
+        return store.snapshot()
+    from featurestore import snapshot
+
+    root = str(Path(plan.output) / SNAPSHOT_SUBDIR)
+    uri = store.snapshot(snapshot.new_snapshot_uri(root, store.step_count))
+    snapshot.prune_snapshots(root, KEEP_SNAPSHOTS)
+    return uri
+
+
 def local_bank_state(run_dir: str | os.PathLike, record: dict[str, Any]) -> dict[str, Any]:
     """The in-process bank (``rows`` ``[N, d]``, ``z``, ``step``) of the run's newest
     checkpoint (``--bank local`` / ``--launcher local`` runs keep it there).
@@ -113,5 +136,6 @@ __all__ = [
     "SNAPSHOT_SUBDIR",
     "local_bank_state",
     "read_run_record",
+    "snapshot_for_checkpoint",
     "write_run_record",
 ]

@@ -1,0 +1,75 @@
+"""A ``ray start --head`` with token authentication on loopback, for the tests that play a
+user's cluster (``ray job submit``, ``python -m featurestore``): its own temp dir, ports and
+token, and stopped by killing only its own processes (``ray stop`` would also stop the
+session's other Ray instance)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_instance(marker: str) -> None:
+    """Kill the processes whose command line names ``marker`` (the head's temp dir)."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in " ".join(p.info["cmdline"] or []):
+                p.send_signal(signal.SIGKILL)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+@dataclass
+class Head:
+    """A running head: its GCS address, dashboard port and the environment of a client
+    holding its token (``env``)."""
+
+    address: str
+    dashboard_port: int
+    env: dict[str, str]
+
+
+@contextlib.contextmanager
+def token_head(cache_dir: Path, num_cpus: int = 2) -> Iterator[Head]:
+    """Start a token-authenticated head on loopback; kill it on exit."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    temp = Path(tempfile.mkdtemp(prefix="npid-head-", dir="/tmp"))  # short: socket paths
+    port, dashboard = free_port(), free_port()
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "NPID_CACHE_DIR": str(cache_dir),
+        "RAY_ADDRESS": "",
+    }
+    try:
+        subprocess.run(
+            [str(ray_bin), "start", "--head", "--num-cpus", str(num_cpus), "--temp-dir",
+             str(temp), "--port", str(port), "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(dashboard)],
+            check=True, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        yield Head(f"127.0.0.1:{port}", dashboard, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+    finally:
+        kill_instance(str(temp))
+        shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,116 @@
+"""``python -m featurestore {start,status,snapshot,stop}`` as a user runs it against a
+token-authenticated ``ray start --head`` on loopback: a named store outlives the command,
+a training run with ``--store-name`` uses it and leaves it running, a snapshot restores
+into another shard count, and a client without the token (or with another one, or with no
+cluster at all) gets one line and exit 2 at once instead of Ray's 20-second retry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from generated_images import colour_class_folder
+from ray_head import free_port, token_head
+
+from trainer.make_shards import make_shards
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+N = 40
+
+
+def _cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def _store(env: dict[str, str], *args: str) -> dict:
+    result = _cli(env, "-m", "featurestore", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    with token_head(tmp_path_factory.mktemp("fs-cache")) as running:
+        yield running
+
+
+def test_start_status_train_snapshot_restore_stop(head, tmp_path) -> None:
+    env = head.env
+    snaps = tmp_path / "snaps"
+    started = _store(env, "start", "--name", "bank", "--rows", str(N), "--dim", "16",
+                     "--snapshot-dir", str(snaps))  # fmt: skip
+    assert started["num_rows"] == N and started["steps"] == 0 and started["num_shards"] == 1
+    assert started["shards"][0]["memory"]["rows_bytes"] == N * 16 * 4
+    taken = _cli(env, "-m", "featurestore", "start", "--name", "bank", "--rows", str(N))
+    assert taken.returncode == 2 and "is running" in taken.stderr
+
+    colour_class_folder(tmp_path / "src", N, seed=0)
+    make_shards(tmp_path / "src", tmp_path / "shards", shard_size=20, progress=False)
+    run = _cli(
+        env, "-m", "trainer.run", "--store-name", "bank", "--data", str(tmp_path / "shards"),
+        "--val-data", str(tmp_path / "shards"), "--output", str(tmp_path / "run"),
+        "--arch", "small", "--low-dim", "16", "--batch-size", "8", "--epochs", "1",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    status = _store(env, "status", "--name", "bank")  # still running after the run
+    assert status["steps"] == N // 8 and status["last_snapshot_step"] == N // 8
+    assert status["snapshot_dir"] == str(snaps)
+    assert list((tmp_path / "run" / "snapshots").iterdir())  # the run's own copy
+
+    snapshot = _store(env, "snapshot", "--name", "bank")
+    assert snapshot["step"] == N // 8 and snapshot["snapshot"].startswith(str(snaps))
+    restored = _store(env, "start", "--name", "bank2", "--restore", str(snaps), "--shards", "2")
+    assert restored["num_shards"] == 2 and restored["steps"] == N // 8
+    assert [s["rows"] for s in restored["shards"]] == [N // 2, N // 2]
+    for name in ("bank", "bank2"):
+        assert _store(env, "stop", "--name", name) == {"stopped": name}
+    gone = _cli(env, "-m", "featurestore", "status", "--name", "bank")
+    assert gone.returncode == 2 and "no feature store named 'bank'" in gone.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"RAY_AUTH_MODE": "", "RAY_AUTH_TOKEN": ""}, "uses token authentication"),
+        ({"RAY_AUTH_TOKEN": "not-the-token"}, "refused this client's token"),
+        ({"RAY_ADDRESS": f"127.0.0.1:{free_port()}"}, "no Ray cluster answers there"),
+    ],
+)
+def test_a_client_without_the_cluster_or_its_token_gets_one_line_at_once(
+    head, override, needle
+) -> None:
+    start = time.monotonic()
+    result = _cli({**head.env, **override}, "-m", "featurestore", "status", "--name", "x")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
+    assert time.monotonic() - start < 15  # Ray alone retries for 20 s, then a traceback
+
+
+def test_help_loads_neither_torch_nor_ray() -> None:
+    code = "import sys, featurestore.cli; print([m for m in ('torch', 'ray') if m in sys.modules])"
+    assert _cli(dict(os.environ), "-c", code).stdout.strip() == "[]"
+    result = _cli(dict(os.environ), "-m", "featurestore", "start", "--help")
+    assert result.returncode == 0 and "--restore URI" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["start", "--name", "b"], "exactly one of --rows N"),
+        (["start", "--name", "b", "--rows", "0"], "must be an integer >= 1"),
+        (["status"], "--name"),
+        (["launch", "--name", "b"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(head, argv, needle) -> None:
+    result = _cli(head.env, "-m", "featurestore", *argv)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and needle in result.stderr
