@@ -33,7 +33,6 @@ PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile.cpu", "gpu": REPO / "docker" / "Dockerfile.gpu"}
 TRAINER = "python -m trainer.run"
 #: Ray's file-based service-discovery file (ray._private.ray_constants, Ray 2.60).
-RAY_SD_FILE = "prom_metrics_service_discovery.json"
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -448,29 +447,26 @@ def test_cluster_launcher_yaml_matches_rays_schema():
 # --- Prometheus ------------------------------------------------------------------------
 
 
-def test_prometheus_scrapes_ray_through_its_service_discovery_file():
+def test_prometheus_discovers_ray_through_the_dashboard_of_the_running_session():
     (cfg,) = load_docs(PROMETHEUS_YML)
     assert cfg["global"]["scrape_interval"] in ("5s", "10s")
     jobs = {job["job_name"]: job for job in cfg["scrape_configs"]}
-    sd_files = [f for sd in jobs["ray"]["file_sd_configs"] for f in sd["files"]]
-    assert sd_files == [f"/tmp/ray/{RAY_SD_FILE}"]
+    assert "file_sd_configs" not in jobs["ray"]  # a file that outlives its session
+    (sd,) = jobs["ray"]["http_sd_configs"]
+    assert sd["url"] == "http://127.0.0.1:8265/api/prometheus/sd"
+    assert sd["authorization"]["type"] == "Bearer"
     knn = [
         t for job in jobs.values() for sc in job.get("static_configs", []) for t in sc["targets"]
     ]
     assert "127.0.0.1:8000" in knn
 
 
-def test_service_discovery_file_name_is_rays():
+def test_the_service_discovery_route_is_rays():
     spec = importlib.util.find_spec("ray")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("ray not installed")
-    constants = Path(spec.submodule_search_locations[0]) / "_private" / "ray_constants.py"
-    match = re.search(
-        r'^PROMETHEUS_SERVICE_DISCOVERY_FILE\s*=\s*"([^"]+)"',
-        constants.read_text(encoding="utf-8"),
-        flags=re.MULTILINE,
-    )
-    assert match and match.group(1) == RAY_SD_FILE
+    head = Path(spec.submodule_search_locations[0]) / "dashboard" / "modules" / "reporter"
+    assert '@routes.get("/api/prometheus/sd")' in (head / "reporter_head.py").read_text()
 
 
 # --- Dockerfiles -----------------------------------------------------------------------

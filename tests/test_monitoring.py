@@ -2,8 +2,9 @@
 
 ``python -m trainer.run`` (2 workers, 2 store shards, tiny generated shards) starts its own
 Ray instance in a private temp dir (``RAY_TMPDIR``); a Prometheus server, configured from
-the shipped ``deploy/prometheus/prometheus.yml`` with only the service-discovery path and
-the intervals rewritten, scrapes it through Ray's service-discovery file. While the run
+the shipped ``deploy/prometheus/prometheus.yml`` with only the dashboard address, the token
+file and the intervals rewritten, finds it through Ray's HTTP service discovery (the
+dashboard of the session running now, whatever its temp dir). While the run
 goes on, the test polls Prometheus's HTTP API (instant queries, i.e. what a dashboard shows
 now) until every check has held once, then stops everything. All on 127.0.0.1, ports chosen
 at runtime. Needs the ``prometheus`` binary (Debian's package; ``.ci/run`` installs it).
@@ -15,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,7 +38,8 @@ from generated_images import colour_class_folder
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
-SD_FILE = "prom_metrics_service_discovery.json"  # Ray's ray_constants name
+SD_URL = "http://127.0.0.1:8265/api/prometheus/sd"  # the dashboard's default address
+DASHBOARD_RE = re.compile(r"http://127\.0\.0\.1:(\d+)")  # in ray.init's "View the dashboard"
 NUM_TRAIN = 64  # training instances = bank rows
 POLL_SECONDS = 90.0  # bound on polling from the trainer's start (Ray + Ray Train start: ~40 s)
 GRACE_SECONDS = 30.0  # once training shows up in Prometheus, the time every check gets
@@ -152,25 +155,45 @@ def _make_shards(root: Path) -> dict[str, Path]:
     return out
 
 
-def prometheus_config(ray_temp_dir: Path, interval: str = "1s") -> dict[str, Any]:
-    """The shipped config, scraping the Ray instance under ``ray_temp_dir`` every ``interval``.
+def prometheus_config(dashboard: str, token_file: Path, interval: str = "1s") -> dict[str, Any]:
+    """The shipped config, discovering the Ray instance whose dashboard is at ``dashboard``
+    (``host:port``) with the token in ``token_file``, scraping every ``interval``.
 
-    Only the ``ray`` job is kept (the kNN service is not part of this test); its
-    service-discovery path must be Ray's default (``/tmp/ray/…``) and is moved to
-    ``ray_temp_dir``.
+    Only the ``ray`` job is kept (the kNN service is not part of this test); its discovery
+    URL must be Ray's default dashboard address and is moved to ``dashboard``.
     """
     config = yaml.safe_load(SHIPPED_CONFIG.read_text())
     jobs = [job for job in config["scrape_configs"] if job["job_name"] == "ray"]
     assert len(jobs) == 1, "deploy/prometheus/prometheus.yml: no single `ray` scrape job"
-    (sd,) = jobs[0]["file_sd_configs"]
-    assert sd["files"] == [f"/tmp/ray/{SD_FILE}"], sd
-    sd["files"] = [str(ray_temp_dir / SD_FILE)]
+    (sd,) = jobs[0]["http_sd_configs"]
+    assert sd["url"] == SD_URL, sd
+    sd["url"] = f"http://{dashboard}/api/prometheus/sd"
+    sd["authorization"]["credentials_file"] = str(token_file)
     sd["refresh_interval"] = interval
     config["global"].update(
         scrape_interval=interval, scrape_timeout=interval, evaluation_interval=interval
     )
     config["scrape_configs"] = jobs
     return config
+
+
+def _dashboard_of(trainer_log: Path, trainer: subprocess.Popen, timeout: float = 90) -> str:
+    """``127.0.0.1:port`` of the dashboard the trainer's Ray logged it started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and trainer.poll() is None:
+        found = DASHBOARD_RE.search(trainer_log.read_text())
+        if found:
+            return f"127.0.0.1:{found.group(1)}"
+        time.sleep(0.5)
+    raise RuntimeError(f"no dashboard address in the trainer log:\n{trainer_log.read_text()}")
+
+
+def _ray_token(path: Path) -> Path:
+    """The token a new local Ray uses (Ray writes ``~/.ray/auth_token`` on first use), in a
+    file for Prometheus; empty when there is none (no token authentication)."""
+    source = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path.write_text(source.read_text().strip() if source.is_file() else "")
+    return path
 
 
 def _start_prometheus(config_file: Path, data: Path, log: Path) -> tuple[subprocess.Popen, str]:
@@ -324,7 +347,6 @@ def observed(tmp_path_factory) -> Observed:
     ray_tmp = Path(tempfile.mkdtemp(prefix="npid-mon-", dir="/tmp"))
     (ray_tmp / "ray").mkdir()
     config_file = root / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(prometheus_config(ray_tmp / "ray")))
     prom_log, trainer_log = root / "prometheus.log", root / "trainer.log"
     checks = {check.name: check for check in _checks()}
     prometheus = trainer = None
@@ -332,7 +354,6 @@ def observed(tmp_path_factory) -> Observed:
     start = time.monotonic()
     with trainer_log.open("w") as trainer_out:
         try:
-            prometheus, base = _start_prometheus(config_file, root / "tsdb", prom_log)
             trainer = subprocess.Popen(
                 _trainer_command(shards, root / "run"),
                 stdout=trainer_out,
@@ -341,6 +362,10 @@ def observed(tmp_path_factory) -> Observed:
                 env=_trainer_env(ray_tmp),
                 start_new_session=True,
             )
+            dashboard = _dashboard_of(trainer_log, trainer)
+            token = _ray_token(root / "ray_auth_token")
+            config_file.write_text(yaml.safe_dump(prometheus_config(dashboard, token)))
+            prometheus, base = _start_prometheus(config_file, root / "tsdb", prom_log)
             _poll(base, trainer, checks)
             try:
                 targets = _get_json(f"{base}/api/v1/targets")["data"]["activeTargets"]
@@ -356,14 +381,18 @@ def observed(tmp_path_factory) -> Observed:
     return Observed(checks, time.monotonic() - start, trainer_log, prom_log, targets)
 
 
-def test_shipped_config_is_rewritten_only_in_path_and_intervals(tmp_path):
-    config = prometheus_config(tmp_path)
+def test_shipped_config_is_rewritten_only_in_address_token_and_intervals(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("")  # promtool wants the file to exist
+    config = prometheus_config("127.0.0.1:9999", token)
     shipped = yaml.safe_load(SHIPPED_CONFIG.read_text())
     (job,) = config["scrape_configs"]
     shipped_job = next(j for j in shipped["scrape_configs"] if j["job_name"] == "ray")
-    assert job["file_sd_configs"][0]["files"] == [str(tmp_path / SD_FILE)]
-    assert {k: v for k, v in job.items() if k != "file_sd_configs"} == {
-        k: v for k, v in shipped_job.items() if k != "file_sd_configs"
+    (sd,) = job["http_sd_configs"]
+    assert sd["url"] == "http://127.0.0.1:9999/api/prometheus/sd"
+    assert sd["authorization"] == {"type": "Bearer", "credentials_file": str(token)}
+    assert {k: v for k, v in job.items() if k != "http_sd_configs"} == {
+        k: v for k, v in shipped_job.items() if k != "http_sd_configs"
     }
     assert config["global"]["scrape_interval"] == "1s"
     promtool = shutil.which("promtool")
