@@ -52,6 +52,8 @@ def recipe_from_trainer(argv: list[str]) -> PlainRecipe:
     plan = make_plan(cfg)
     objective = plan.objective
     kind = {"softmax": "softmax", "nce": "nce", "sampled_softmax": "sampled-softmax"}
+    if objective["kind"] not in kind:  # the plain loop is the bank's reference loop
+        raise SystemExit(f"--objective {objective['kind']}: the plain loop has a bank objective")
     return PlainRecipe(
         arch=plan.arch,
         low_dim=cfg.low_dim,

@@ -1,9 +1,10 @@
 """Training checkpoints: what a restarted or resumed run needs, in plain files.
 
 A checkpoint directory holds ``state.pt`` (model and optimizer state dicts, epoch, step,
-data position, the store snapshot URI; tensors and plain Python only, loadable with
-``torch.load(weights_only=True)``), ``config.json`` (the resolved run config) and, written
-last as the commit point, ``meta.json`` (epoch, step, snapshot URI).
+the store snapshot URI or the in-process bank, the parametric classifier; tensors and
+plain Python only, loadable with ``torch.load(weights_only=True)``), ``config.json`` (the
+resolved run config) and, written last as the commit point, ``meta.json`` (epoch, step,
+snapshot URI).
 Ray Train wraps the directory in a ``ray.train.Checkpoint``.
 """
 
@@ -42,6 +43,9 @@ class TrainState:
     bank: dict[str, Any] | None = None
     """The in-process bank's :meth:`~featurestore.MemoryBank.state_dict` (rows, Z, step)
     with ``--bank local``; the store's rows are in ``store_snapshot`` instead."""
+    head: dict[str, Any] | None = None
+    """The parametric classifier's state dict with ``--objective parametric`` (the encoder's
+    is ``model``, so readers of the encoder never see the head)."""
 
 
 def save_checkpoint(directory: str | os.PathLike, state: TrainState, config: dict) -> Path:
@@ -55,6 +59,7 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState, config: dic
         "step": state.step,
         "store_snapshot": state.store_snapshot,
         "bank": state.bank,
+        "head": state.head,
     }
     write_atomic(path / STATE_FILE, lambda tmp: torch.save(payload, tmp))
     write_text_atomic(path / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-OBJECTIVES = ("auto", "nce", "softmax", "sampled-softmax")
+OBJECTIVES = ("auto", "nce", "softmax", "sampled-softmax", "parametric")
+BANKS = ("store", "local")
 ARCHS = ("auto", "small", "small-wide", "resnet18", "resnet50")
 SCHEDULES = ("step", "cosine")
 CACHE_MODES = ("auto", "memory", "device", "off")
@@ -50,10 +51,12 @@ class TrainConfig:
     dataset; otherwise resnet18 with --use-gpu, small-wide on a CPU)."""
     low_dim: int = 128
     objective: str = "auto"
-    """auto | nce | softmax | sampled-softmax. auto: the exact softmax up to
+    """auto | nce | softmax | sampled-softmax | parametric. auto: the exact softmax up to
     :data:`SOFTMAX_AUTO_MAX_ROWS` instances, the sampled softmax with K noise rows above
     (its step cost does not grow with N), chosen by the README's objective measurement;
-    an explicit ``--nce-k`` other than the default asks for the paper's NCE."""
+    an explicit ``--nce-k`` other than the default asks for the paper's NCE. parametric:
+    the paper's baseline, a learned N-way classifier over instance ids and no bank
+    (:mod:`trainer.parametric`)."""
     nce_k: int = 4096
     """Noise samples per positive; 0 means the exact softmax."""
     nce_t: float = 0.07
@@ -103,7 +106,8 @@ class TrainConfig:
     Ray (a single GPU, a debugger, machines without Ray)."""
     bank: str = "store"
     """store: the sharded feature store service; local: an in-process MemoryBank (one
-    worker only; the baseline of the trainer benchmark)."""
+    worker only; the baseline of the trainer benchmark). Unused with --objective
+    parametric, which keeps no bank."""
     resume: bool = False
     eval_every: int = 1
     checkpoint_every: int = 1
@@ -211,12 +215,25 @@ class TrainConfig:
             raise ConfigError("--launcher local runs one worker: use --num-workers 1")
         if self.launcher == "local" and self.store_name is not None:
             raise ConfigError("--launcher local keeps the bank in process: drop --store-name")
-        if self.bank not in ("store", "local"):
+        if self.bank not in BANKS:
             raise ConfigError(f"--bank must be store or local, got {self.bank!r}")
         if self.bank == "local" and self.num_workers != 1:
             raise ConfigError("--bank local keeps the bank in the worker: use --num-workers 1")
         if self.objective == "sampled-softmax" and self.nce_k == 0:
             raise ConfigError("--objective sampled-softmax needs --nce-k > 0")
+        if self.objective == "parametric":
+            self._validate_parametric()
+
+    def _validate_parametric(self) -> None:
+        """``--objective parametric`` keeps no bank: bank settings are errors."""
+        if self.store_name is not None:
+            raise ConfigError("--objective parametric keeps no bank: drop --store-name")
+        if self.num_shards != 1:
+            raise ConfigError("--objective parametric keeps no bank: drop --num-shards")
+        if self.prox_lambda:
+            raise ConfigError(
+                "--prox-lambda needs a memory bank: it has no effect with --objective parametric"
+            )
 
     @property
     def builtin(self) -> bool:
@@ -263,13 +280,19 @@ class TrainConfig:
 
     @property
     def resolved_bank(self) -> str:
-        """store | local: the local launcher always keeps the bank in process."""
+        """store | local | none: the local launcher always keeps the bank in process;
+        ``--objective parametric`` keeps none."""
+        if self.objective == "parametric":
+            return "none"
         return "local" if self.launcher == "local" else self.bank
 
     @property
     def objective_kind(self) -> str:
-        """auto | nce | softmax | sampled-softmax, with ``--nce-k 0`` meaning the exact
-        softmax (auto is resolved against the dataset size by ``plan.resolve_objective``)."""
+        """auto | nce | softmax | sampled-softmax | parametric, with ``--nce-k 0`` meaning
+        the exact softmax for the bank objectives (auto is resolved against the dataset size
+        by ``plan.resolve_objective``)."""
+        if self.objective == "parametric":
+            return self.objective
         return "softmax" if self.nce_k == 0 else self.objective
 
     def to_dict(self) -> dict[str, Any]:

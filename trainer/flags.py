@@ -18,6 +18,7 @@ import yaml
 from trainer.config import (
     ARCHS,
     AUGMENTS,
+    BANKS,
     BUILTIN,
     CACHE_MODES,
     LAUNCHERS,
@@ -42,7 +43,8 @@ HELP: dict[str, str] = {
     "small-wide on a CPU",
     "low_dim": "embedding size d",
     "objective": f"auto: the exact softmax up to {SOFTMAX_AUTO_MAX_ROWS:,} instances, the "
-    "sampled softmax above; nce: the paper's NCE",
+    "sampled softmax above; nce: the paper's NCE; parametric: the paper's baseline, a learned "
+    "N-way classifier over instance ids (no bank; kNN on recomputed features)",
     "nce_k": "noise samples K per positive (NCE, sampled softmax); 0 = the exact softmax",
     "nce_t": "temperature τ",
     "nce_m": "memory bank momentum m",
@@ -65,7 +67,8 @@ HELP: dict[str, str] = {
     "store_dtype": "row storage of the bank (its math is float32)",
     "store_gpus_per_shard": "GPUs per store shard with --use-gpu (0 = share half a GPU)",
     "store_threads": "torch threads per store shard (0 = cores / shards on a local Ray)",
-    "bank": "store: the feature store service; local: an in-process bank (one worker)",
+    "bank": "store: the feature store service; local: an in-process bank (one worker); "
+    "unused with --objective parametric",
     "launcher": "ray: Ray Train; local: this process, no Ray",
     "resume": "continue the newest checkpoint under --output (and --storage-path)",
     "eval_every": "kNN evaluation every N epochs; 0 = never (throughput runs)",
@@ -90,7 +93,7 @@ _CHOICES = {
     "schedule": SCHEDULES,
     "precision": PRECISIONS,
     "store_dtype": ("float32", "bfloat16", "float16"),
-    "bank": ("store", "local"),
+    "bank": BANKS,
     "launcher": LAUNCHERS,
     "data_cache": CACHE_MODES,
     "augment": AUGMENTS,

@@ -39,6 +39,7 @@ from trainer.evaluation import EvalSetup, Split, evaluate, index_from_export
 from trainer.guard import DivergenceWatch, TrainingStoppedError
 from trainer.metrics import append_jsonl, truncate_jsonl_after
 from trainer.models import EncoderConfig, build_encoder, export_encoder
+from trainer.parametric import InstanceClassifier, head_state, load_head_state, with_head
 from trainer.plan import RunPlan
 from trainer.run_record import snapshot_for_checkpoint
 from trainer.runtime import Metrics, Runtime
@@ -71,7 +72,7 @@ class Worker:
     metrics: Metrics
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    bank: object  # ShardedStore or MemoryBank: the same interface
+    bank: object  # ShardedStore or MemoryBank (the same interface); None: --objective parametric
     train: Split
     val: Split | None
     """The datasets, read once per worker (index, and pixels when held decoded)."""
@@ -89,10 +90,17 @@ class Worker:
         return self.runtime.device
 
     @property
-    def encoder(self) -> nn.Module:
-        """The model without its torch.compile and DDP wrappers."""
+    def network(self) -> nn.Module:
+        """The model without its torch.compile and DDP wrappers (with --objective parametric
+        the encoder and its classifier, :class:`~trainer.parametric.InstanceClassifier`)."""
         model = getattr(self.model, "_orig_mod", self.model)
         return getattr(model, "module", model)
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The bare encoder."""
+        network = self.network
+        return network.encoder if isinstance(network, InstanceClassifier) else network
 
     def eval_setup(self) -> EvalSetup:
         """How this run encodes and votes."""
@@ -109,6 +117,8 @@ class Worker:
 
 
 def _open_bank(cfg: TrainConfig, plan: RunPlan, device: torch.device):
+    if cfg.resolved_bank == "none":  # --objective parametric: the classifier replaces it
+        return None
     if cfg.resolved_bank == "local":  # in-process bank (the local launcher, benchmarks)
         return MemoryBank(
             plan.num_rows,
@@ -148,6 +158,7 @@ def setup(loop_config: dict, runtime: Runtime) -> Worker:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // runtime.world))
     torch.manual_seed(cfg.seed)
     model = build_encoder(**EncoderConfig.for_preset(plan.arch, cfg.low_dim, plan.preset).to_dict())
+    model = with_head(model, plan.objective, plan.num_rows, cfg.low_dim)  # parametric: + head
     # channels_last: oneDNN's and cuDNN's fast convolution layout (1.4x for the small
     # encoder on a 2-core CPU, measured).
     model = runtime.prepare_model(model.to(memory_format=torch.channels_last))
@@ -180,13 +191,14 @@ def resume(w: Worker) -> tuple[int, int]:
         return 0, 0
     state, _ = load_checkpoint(source)
     w.encoder.load_state_dict(state.model)
+    load_head_state(w.network, state.head, str(source))
     w.optimizer.load_state_dict(state.optimizer)
     if w.rank == 0:
         if isinstance(w.bank, MemoryBank):
             if state.bank is None:
                 raise ValueError(f"checkpoint {source} holds no in-process bank to restore")
             w.bank.load_state_dict(state.bank)  # the in-process bank's rows, Z and step
-        else:
+        elif w.bank is not None:  # the store (none with --objective parametric)
             if state.store_snapshot is None:
                 raise ValueError(f"checkpoint {source} names no store snapshot to restore")
             w.bank.load_snapshot(state.store_snapshot)  # rows, Z and step of the checkpoint
@@ -197,9 +209,10 @@ def resume(w: Worker) -> tuple[int, int]:
 
 def evaluate_knn(w: Worker, recompute: bool = False) -> dict[str, float]:
     """kNN top-1/top-5 on the validation data (rank 0 only): train features from the bank,
-    or recomputed with the test transform."""
+    or recomputed with the test transform (always without a bank: --objective parametric)."""
     if w.val is None:
         return {}
+    recompute = recompute or w.bank is None
     bank = None if recompute else index_from_export(w.bank.export(), w.cfg.low_dim)
     found = evaluate(w.encoder, w.train, w.val, w.eval_setup(), bank)
     result = {"knn_top1": found["knn_top1"], "knn_top5": found["knn_top5"]}
@@ -299,7 +312,8 @@ def train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, f
         t0 = time.perf_counter()
         x = x.to(w.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.cfg.autocast):
-            feats = w.model(x)
+            # parametric: the model is the encoder and its classifier and gives the loss too
+            feats, step_loss = w.model(x, ids) if objective is None else (w.model(x), None)
         if not _all_finite(w, feats):
             raise TrainingStoppedError(
                 f"the encoder's features became non-finite at epoch {epoch + 1}, step "
@@ -307,17 +321,22 @@ def train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, f
                 epoch + 1,
                 step,
             )
-        with _torch_threads(client):
-            pending = w.bank.step_async(feats.detach().float(), ids, objective)
+        if step_loss is None:
+            with _torch_threads(client):
+                pending = w.bank.step_async(feats.detach().float(), ids, objective)
         with _torch_threads(loading):
             batch = next(batches, None)  # the bank scores and updates while the next loads
-        with _torch_threads(client):
-            out = pending.result()
         w.optimizer.zero_grad(set_to_none=True)
-        feats.backward(out.grad.to(feats.device, feats.dtype))
+        if step_loss is None:
+            with _torch_threads(client):
+                out = pending.result()
+            feats.backward(out.grad.to(feats.device, feats.dtype))
+            step_loss = out.loss
+        else:
+            step_loss.backward()
         w.optimizer.step()
         step += 1
-        loss = float(out.loss)
+        loss = float(step_loss.detach())
         total, count, images = total + loss * len(ids), count + len(ids), images + len(ids)
         w.metrics.gauge("loss", loss)
         w.metrics.count("images", len(ids))
@@ -353,8 +372,9 @@ def checkpoint(w: Worker, epoch: int, step: int, record: dict) -> None:
         optimizer=w.optimizer.state_dict(),
         epoch=epoch,
         step=step,
-        store_snapshot=None if local else snapshot_for_checkpoint(w.bank, w.plan),
+        store_snapshot=None if local or w.bank is None else snapshot_for_checkpoint(w.bank, w.plan),
         bank=w.bank.state_dict() if local else None,
+        head=head_state(w.network),
     )
     with tempfile.TemporaryDirectory(prefix="npid-ckpt-") as tmp:
         save_checkpoint(tmp, state, w.cfg.to_dict())
@@ -408,7 +428,8 @@ def _train(w: Worker) -> None:
             if w.rank == 0:
                 logger.warning("warning: %s", warning)
         if evaluate_now and w.rank == 0 and (done % w.cfg.eval_every == 0 or done == epochs):
-            record.update(features="bank", **evaluate_knn(w))
+            features = "bank" if w.bank is not None else "recomputed"
+            record.update(features=features, **evaluate_knn(w))
         _record(w, record)
         if done % w.cfg.checkpoint_every == 0 or done == epochs:
             checkpoint(w, done, step, record)

@@ -28,6 +28,8 @@ from trainer.config import BUILTIN, RESUME_KEYS, SOFTMAX_AUTO_MAX_ROWS, ConfigEr
 from trainer.data import ShardIndex
 from trainer.data.cache import decoded_bytes
 from trainer.make_shards import ensure_builtin_dataset
+from trainer.parametric import KIND as PARAMETRIC
+from trainer.parametric import Parametric
 from trainer.transforms import DEFAULT_SIZE
 
 logger = logging.getLogger(__name__)
@@ -70,8 +72,10 @@ class RunPlan:
         """Inverse of :meth:`to_dict`."""
         return cls(**data)
 
-    def build_objective(self) -> Objective:
-        """The objective object."""
+    def build_objective(self) -> Objective | None:
+        """The bank's objective object; None with ``--objective parametric`` (no bank)."""
+        if self.objective["kind"] == PARAMETRIC:
+            return None
         return Objective.from_dict(self.objective)
 
 
@@ -95,9 +99,11 @@ def _load_index(location: str, flag: str) -> ShardIndex:
         raise ConfigError(f"{flag} {location}: {exc}") from None
 
 
-def resolve_objective(cfg: TrainConfig, num_rows: int) -> Objective:
+def resolve_objective(cfg: TrainConfig, num_rows: int) -> Objective | Parametric:
     """The objective for ``num_rows`` instances; raises :class:`ConfigError` on K >= N."""
     kind = cfg.objective_kind
+    if kind == PARAMETRIC:
+        return Parametric()
     common = {"temperature": cfg.nce_t, "prox_lambda": cfg.prox_lambda}
     if kind == "auto":
         if cfg.nce_k != DEFAULT_K:
@@ -185,6 +191,8 @@ def check_resumable(cfg: TrainConfig, found: str, state: TrainState, saved: Trai
         raise ConfigError(f"--resume: checkpoint {found} holds no in-process bank to restore")
     if cfg.resolved_bank == "store" and state.store_snapshot is None:
         raise ConfigError(f"--resume: checkpoint {found} names no store snapshot to restore")
+    if cfg.resolved_bank == "none" and state.head is None:
+        raise ConfigError(f"--resume: checkpoint {found} holds no parametric classifier")
 
 
 def make_plan(cfg: TrainConfig) -> RunPlan:
