@@ -1,10 +1,10 @@
 """The trainer as the serving layer sees it: the one module :mod:`knn_service` imports.
 
-Load an encoder (checkpoints, the resolved config, exported models), open a dataset (its
-index, labels and number of classes, raw image bytes), build an evaluation loader, encode a
-dataset, decode an image and evaluate with the kNN vote. Everything else in :mod:`trainer`
-(the loop, the launchers, the shard writer) is the trainer's own business; the import
-contract in ``pyproject.toml`` keeps it so.
+Load an encoder (checkpoints, the resolved config, exported models, the pooled features
+before its head), open a dataset (its index, labels and number of classes, raw image bytes),
+build an evaluation loader, encode a dataset, decode an image and evaluate with the kNN vote.
+Everything else in :mod:`trainer` (the loop, the launchers, the shard writer) is the
+trainer's own business; the import contract in ``pyproject.toml`` keeps it so.
 """
 
 import logging
@@ -29,6 +29,7 @@ from trainer.models import (
     EncoderConfig,
     build_encoder,
     load_encoder,
+    pooled_trunk,
     read_export_config,
 )
 from trainer.run_record import local_bank_state, read_run_record
@@ -75,6 +76,7 @@ __all__ = [
     "load_encoder",
     "load_index",
     "local_bank_state",
+    "pooled_trunk",
     "read_export_config",
     "read_index_table",
     "read_run_record",

@@ -258,6 +258,27 @@ def build_encoder(arch: str, low_dim: int = 128, cifar_stem: bool | None = None)
     return ResNetEncoder(config.arch, config.low_dim, bool(config.cifar_stem))
 
 
+def pooled_trunk(model: nn.Module) -> tuple[nn.Module, int]:
+    """The encoder up to its global average pool, the features its linear head reads.
+
+    Returns ``(trunk, p)``: ``trunk`` maps ``[B, 3, H, W]`` to ``[B, p]`` (``p`` = 512 for
+    resnet18, 2048 for resnet50, the last block's width for the small convnets), shares its
+    weights with ``model`` and is in ``model``'s train/eval mode.
+
+    Raises:
+        ValueError: ``model`` is neither a :class:`ResNetEncoder` nor a :class:`SmallConvNet`.
+    """
+    if isinstance(model, ResNetEncoder):
+        parts = [getattr(model, n) for n in ("conv1", "bn1", "relu", "maxpool")]
+        parts += [model.layer1, model.layer2, model.layer3, model.layer4, model.avgpool]
+        trunk, width = nn.Sequential(*parts, nn.Flatten(1)), model.fc.in_features
+    elif isinstance(model, SmallConvNet):  # drop the head: Linear, BatchNorm1d
+        trunk, width = nn.Sequential(*list(model)[:-2]), model[-2].in_features
+    else:
+        raise ValueError(f"no pooled features for a {type(model).__name__}")
+    return trunk.train(model.training), int(width)
+
+
 def encoder_num_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements of ``model`` (buffers excluded)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
