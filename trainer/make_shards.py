@@ -243,7 +243,7 @@ def _ensure_open_files(n: int) -> None:
 
 
 def make_shards(
-    src: str | os.PathLike,
+    src: str | os.PathLike | Source,
     out: str | os.PathLike,
     shard_size: int = DEFAULT_SHARD_SIZE,
     split: str = "train",
@@ -255,7 +255,8 @@ def make_shards(
     """Convert one split of ``src`` into webdataset shards in ``out`` (see module docstring).
 
     Args:
-        src: ImageFolder root, ``cifar-10-batches-py`` directory or built-in name (``digits``).
+        src: ImageFolder root, ``cifar-10-batches-py`` directory or built-in name (``digits``),
+            or an opened :class:`Source` (e.g. :func:`trainer.data.subset.subset_source`).
         out: output directory (created if missing).
         shard_size: at most this many samples per shard (``>= 1``).
         split: ``"train"`` or ``"test"`` (CIFAR batches and built-ins).
@@ -276,7 +277,7 @@ def make_shards(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a directory")
-    source = open_source(src, split, exclude=[out])
+    source = src if isinstance(src, Source) else open_source(src, split, exclude=[out])
     previous = _existing_output(out)
     if previous and not overwrite:
         raise OutputExistsError(
