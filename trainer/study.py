@@ -2,7 +2,7 @@
 
     python -m trainer.study {embedding-size,data-fraction,nce-k,objective}
         [--data digits] [--val-data digits] [--values V ...] [--output runs/study-KIND]
-        [--epochs E] [--workers-per-trial 1] [--seed 0] [-- more trainer.run flags]
+        [--epochs E] [--workers-per-trial 1] [--seed 0] [--linear] [-- more trainer.run flags]
 
 Each trial is a training run of ``python -m trainer.run`` (the trainer's own command and
 code: Ray Train, the feature store, its kNN evaluation) on the study's Ray cluster, with
@@ -17,8 +17,9 @@ one setting changed (Wu et al. 2018):
 
 Trials run as Ray Tune trials, as many at once as the cluster has CPUs for their training
 workers (on a laptop they queue); each reports the run's final kNN top-1/top-5 (train
-features recomputed, as the trainer's last metrics line). The study writes
-``OUTPUT/study.json`` (every trial: its value, accuracy, epochs, seconds and run
+features recomputed, as the trainer's last metrics line) and, with ``--linear``, the
+top-1/top-5 of a linear SVM on its frozen embedding (``python -m knn_service.linear``).
+The study writes ``OUTPUT/study.json`` (every trial: its value, accuracy, epochs, seconds and run
 directory), ``OUTPUT/study.md`` (a Markdown table) and ``OUTPUT/study.png`` (top-1 per
 value). Ray: ``RAY_ADDRESS`` joins a cluster; otherwise a local instance on 127.0.0.1.
 Bad input: one line on stderr, exit status 2.
@@ -87,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the trainer's)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers/trial")
     p.add_argument("--seed", type=int, default=0, help="seed of every trial (and the subsets)")
+    p.add_argument(
+        "--linear", action="store_true",
+        help="also a linear SVM on each trial's frozen embedding (knn_service.linear)",
+    )  # fmt: skip
     return p
 
 
@@ -166,14 +171,31 @@ def run_trial(config: dict[str, Any]) -> None:
         tail = (output / "trial.log").read_text().strip().splitlines()[-1:]
         raise RuntimeError(f"trainer.run exited {code}: {' '.join(tail)}")
     final = read_jsonl(output / "metrics.jsonl")[-1]
-    tune.report(
-        {
-            "knn_top1": final["knn_top1"],
-            "knn_top5": final["knn_top5"],
-            "epoch": final["epoch"],
-            "seconds": round(time.monotonic() - start, 1),
-        }
-    )
+    found = {
+        "knn_top1": final["knn_top1"],
+        "knn_top5": final["knn_top5"],
+        "epoch": final["epoch"],
+    }
+    if config.get("linear"):
+        found.update(linear_eval(output, config["linear"], config["env"]))
+    tune.report({**found, "seconds": round(time.monotonic() - start, 1)})
+
+
+def linear_eval(run: Path, data: dict[str, str], env: dict[str, str]) -> dict[str, float]:
+    """The linear SVM of ``python -m knn_service.linear`` (the paper's Table 1 protocol) on
+    the run's exported encoder, trained on ``data["train"]``, scored on ``data["val"]``.
+
+    A command, not an import: the serving layer sits above the trainer.
+    """
+    cmd = [sys.executable, "-m", "knn_service.linear", "--checkpoint", str(run / "encoder"),
+           "--train-data", data["train"], "--val-data", data["val"],
+           "--classifier", "svm"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    (run / "linear.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"knn_service.linear exited {done.returncode}: {done.stderr[-300:]}")
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"linear_top1": record["top1"], "linear_top5": record["top5"]}
 
 
 def _trial_env() -> dict[str, str]:
@@ -233,6 +255,7 @@ def run_study(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
                 "flags": [*trial_flags(study, value, data), *common],
                 "output": str(output / "trials" / f"{study.name}={value}"),
                 "env": env,
+                "linear": {"train": train, "val": val} if args.linear else None,
             }
         )
     # A trial holds a sliver of a CPU; its Ray Train workers take one CPU each, so as many
@@ -257,6 +280,8 @@ def run_study(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
                 "value": config["value"],
                 "knn_top1": metrics.get("knn_top1"),
                 "knn_top5": metrics.get("knn_top5"),
+                "linear_top1": metrics.get("linear_top1"),
+                "linear_top5": metrics.get("linear_top5"),
                 "epochs": metrics.get("epoch"),
                 "seconds": metrics.get("seconds"),
                 "run": config["output"],

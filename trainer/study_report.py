@@ -15,20 +15,23 @@ WIDTH, HEIGHT, MARGIN = 640, 360, 48
 
 def markdown(record: dict[str, Any]) -> str:
     """The study as a Markdown table (top-1/top-5 in %, one row per trial)."""
+    linear = any(t.get("linear_top1") is not None for t in record["trials"])
+    extra = " linear SVM top-1 |" if linear else ""
     lines = [
         f"Study `{record['study']}` ({record['varies']}), data `{record['data']}`, "
         f"validation `{record['val_data']}`, trainer flags `{' '.join(record['trainer_flags'])}`.",
         "",
-        f"| {record['study']} | kNN top-1 | kNN top-5 | epochs | seconds |",
-        "|---|---|---|---|---|",
+        f"| {record['study']} | kNN top-1 | kNN top-5 |{extra} epochs | seconds |",
+        "|---|---|---|---|---|" + ("---|" if linear else ""),
     ]
     for t in record["trials"]:
         if t["error"]:
             lines.append(f"| {t['value']} | failed: {t['error']} | | | |")
             continue
+        svm = f" {100 * t['linear_top1']:.2f} % |" if linear and t.get("linear_top1") else ""
         lines.append(
             f"| {t['value']} | {100 * t['knn_top1']:.2f} % | {100 * t['knn_top5']:.2f} % "
-            f"| {t['epochs']} | {t['seconds']} |"
+            f"|{svm} {t['epochs']} | {t['seconds']} |"
         )
     return "\n".join(lines) + "\n"
 
