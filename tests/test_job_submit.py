@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,13 +22,17 @@ def test_ray_job_submit_runs_the_trainer(tmp_path):
     out = tmp_path / "run"
     with token_head(tmp_path / "cache") as head:
         env = {**head.env, "RAY_ADDRESS": ""}  # `ray job submit` names the dashboard
-        job = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address",
-             f"http://127.0.0.1:{head.dashboard_port}", "--working-dir", str(REPO), "--",
-             "python", "-m", "trainer.run", "--epochs", "2", "--output", str(out),
-             "--no-progress"],
-            env=env, capture_output=True, text=True, timeout=420,
-        )  # fmt: skip
+        for _attempt in range(6):  # the head's job agent may still be starting
+            job = subprocess.run(
+                [str(ray_bin), "job", "submit", "--address",
+                 f"http://127.0.0.1:{head.dashboard_port}", "--working-dir", str(REPO), "--",
+                 "python", "-m", "trainer.run", "--epochs", "2", "--output", str(out),
+                 "--no-progress"],
+                env=env, capture_output=True, text=True, timeout=420,
+            )  # fmt: skip
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(10)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
     records = read_jsonl(out / "metrics.jsonl")
