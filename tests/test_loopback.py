@@ -1,11 +1,13 @@
 """A local Ray that npid starts listens on loopback only, and so does the training
 workers' torch rendezvous: every listening socket of a default ``python -m trainer.run``
 (the driver and every process under it: GCS, raylet, agents, dashboard, the store's
-shard actor, the Ray Train workers) is sampled while it trains."""
+shard actor, the Ray Train workers) is sampled while it trains; its log has no
+error-level line (Ray Train's preemption watcher logged one on a one-machine Ray)."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,3 +66,5 @@ def test_a_default_run_listens_on_loopback_only(tmp_path):
     assert "RayTrainWorker" in names, sorted(seen)  # sampled while the workers trained
     exposed = sorted(s for s in seen if s[0] not in LOOPBACK)
     assert not exposed, f"listening beyond loopback: {exposed}"
+    errors = [line for line in out.splitlines() if re.search(r"\d E \d+ \d+\]|\bERROR\b", line)]
+    assert not errors, errors  # a default run logs no error-level line
