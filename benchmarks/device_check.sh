@@ -55,7 +55,7 @@ DEVICE=cuda GPU=(--use-gpu) SMALL=()
 log "device $DEVICE, smoke $SMOKE, python $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
 
 # ---- (a) smoke of the device paths
-timeout 150 $PY benchmarks/device_smoke.py --device "$DEVICE" "${SMALL[@]}" \
+timeout 240 $PY benchmarks/device_smoke.py --device "$DEVICE" "${SMALL[@]}" \
   --out "$OUT/smoke.json" >"$OUT/smoke.log" 2>&1
 smoke_rc=$?
 grep -E "^device_smoke: (ok|FAIL)" "$OUT/smoke.log" | tee -a "$OUT/device_check.log"
