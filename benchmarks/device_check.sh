@@ -54,6 +54,11 @@ DEVICE=cuda GPU=(--use-gpu) SMALL=()
 [ "$SMOKE" = 1 ] && SMALL=(--small)
 log "device $DEVICE, smoke $SMOKE, python $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
 
+if [ "$SMOKE" = 0 ] && [ ! -f "$ARCHIVE" ]; then  # before the smoke: say so at once
+  log "no CIFAR-10 archive at $ARCHIVE (set ARCHIVE, or use --smoke)"
+  exit 2
+fi
+
 # ---- (a) smoke of the device paths
 timeout 240 $PY benchmarks/device_smoke.py --device "$DEVICE" "${SMALL[@]}" \
   --out "$OUT/smoke.json" >"$OUT/smoke.log" 2>&1
@@ -66,10 +71,6 @@ if [ "$SMOKE" = 1 ]; then
   DATA_ARGS=(--data digits) NUM_IMAGES=1437
   RECIPE=(--arch small --epochs 20 --eval-every 5)
 else
-  if [ ! -f "$ARCHIVE" ]; then
-    log "no CIFAR-10 archive at $ARCHIVE (set ARCHIVE, or use --smoke)"
-    exit 2
-  fi
   mkdir -p "$DATA"
   [ -d "$DATA/cifar10/train" ] || tar xzf "$ARCHIVE" -C "$DATA"
   for split in train test; do
