@@ -51,12 +51,14 @@ def test_every_trainer_flag_is_explained_with_its_default():
 
 def test_the_commands_answer_help_without_loading_torch():
     code = (
-        "import sys, trainer.flags, trainer.make_shards, trainer.study, knn_service.serve, "
+        "import sys, trainer.flags, trainer.make_shards, trainer.study, trainer.finetune, "
+        "knn_service.serve, "
         "knn_service.eval, knn_service.show, knn_service.linear, featurestore.cli; "
         "print(sorted(m for m in ('torch', 'ray', 'faiss') if m in sys.modules))"
     )
     assert _cli("-c", code).stdout.strip() == "[]"
-    for module in ("trainer.run", "trainer.make_shards", "trainer.study", "knn_service.serve",
+    for module in ("trainer.run", "trainer.make_shards", "trainer.study", "trainer.finetune",
+                   "knn_service.serve",
                    "knn_service.eval", "knn_service.linear", "featurestore"):  # fmt: skip
         result = _cli("-m", module, "--help")
         assert result.returncode == 0 and "usage:" in result.stdout, module

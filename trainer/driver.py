@@ -138,14 +138,22 @@ def build_trainer(
     )
 
 
-def run(cfg: TrainConfig, plan: RunPlan) -> None:
-    """Train; raises on failure. Starts and stops Ray and the store when it made them."""
+def run(
+    cfg: TrainConfig,
+    plan: RunPlan,
+    loop: Callable[[dict], None] = train_loop_per_worker,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Train; raises on failure. Starts and stops Ray and the store when it made them.
+
+    ``loop`` and ``extra`` as in :func:`build_trainer` (``python -m trainer.finetune``
+    runs its own loop through this driver)."""
     Path(plan.output).mkdir(parents=True, exist_ok=True)
     started = connect(plan.create_store)
     store = None
     try:
         store = open_store(cfg, plan, local_ray=started)
-        result = build_trainer(cfg, plan).fit()
+        result = build_trainer(cfg, plan, loop, extra).fit()
         if result.error is not None:
             raise result.error
         stopped = (result.metrics or {}).get("error")

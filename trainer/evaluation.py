@@ -68,17 +68,21 @@ class EvalSetup:
     """Index of recomputed train features: flat (exact) or ivf."""
 
 
+def eval_batches(split: Split, setup: EvalSetup) -> Iterable:
+    """Every instance of ``split`` that decodes once, in id order, with the test transform:
+    batches ``(images [b, 3, S, S], ids [b], labels [b])``, from the decoded pixels when
+    held (on ``setup.device``), else streamed from the shards."""
+    if split.pixels is not None:
+        test = build_batch_transform(setup.preset, train=False, image_size=setup.image_size)
+        return CachedLoader(split.pixels, setup.batch_size, test, train=False, device=setup.device)
+    test_tf = build_transform(setup.preset, train=False, image_size=setup.image_size)
+    return eval_loader(split.index, setup.batch_size, test_tf, num_workers=setup.num_workers)
+
+
 def encode_split(model: nn.Module, split: Split, setup: EvalSetup) -> tuple[Tensor, Tensor]:
     """Features of every instance of ``split`` with the test transform: ``(feats [N, d],
     seen [N] bool)``, from the decoded pixels when held, else streamed from the shards."""
-    if split.pixels is not None:
-        test = build_batch_transform(setup.preset, train=False, image_size=setup.image_size)
-        loader = CachedLoader(
-            split.pixels, setup.batch_size, test, train=False, device=setup.device
-        )
-    else:
-        test_tf = build_transform(setup.preset, train=False, image_size=setup.image_size)
-        loader = eval_loader(split.index, setup.batch_size, test_tf, num_workers=setup.num_workers)
+    loader = eval_batches(split, setup)
     n = split.index.num_instances
     return extract_features(model, loader, n, setup.dim, setup.device, setup.autocast)
 

@@ -133,7 +133,9 @@ def _open_bank(cfg: TrainConfig, plan: RunPlan, device: torch.device):
     return ShardedStore.attach(plan.store_name)
 
 
-def _split(index: ShardIndex, plan: RunPlan, cfg: TrainConfig, device: torch.device) -> Split:
+def load_split(index: ShardIndex, plan: RunPlan, cfg: TrainConfig, device: torch.device) -> Split:
+    """``index``'s split, its decoded pixels held (on ``device`` or the CPU, as the plan's
+    data cache says) or streamed from the shards."""
     if plan.data_cache == "off":
         return Split(index)
     where = device if plan.data_cache == "device" else torch.device("cpu")
@@ -166,10 +168,10 @@ def setup(loop_config: dict, runtime: Runtime) -> Worker:
     if cfg.compile:
         model = torch.compile(model)
     device = runtime.device
-    train = _split(ShardIndex.load(plan.train_data), plan, cfg, device)
+    train = load_split(ShardIndex.load(plan.train_data), plan, cfg, device)
     val = None
     if plan.val_data is not None:
-        val = _split(ShardIndex.load(plan.val_data), plan, cfg, device)
+        val = load_split(ShardIndex.load(plan.val_data), plan, cfg, device)
     bank = _open_bank(cfg, plan, device)
     return Worker(cfg, plan, runtime, runtime.metrics(), model, optimizer, bank, train, val)
 
