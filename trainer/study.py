@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from trainer.config import TrainConfig
+
 logger = logging.getLogger("trainer.study")
 
 PROG = "python -m trainer.study"
@@ -85,7 +87,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", default="digits", help="labelled validation shards")
     p.add_argument("--values", nargs="+", help="the grid (default: the paper's, see above)")
     p.add_argument("--output", help="study directory (default: runs/study-STUDY)")
-    p.add_argument("--epochs", type=int, help="epochs per trial (default: the trainer's)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="epochs per trial (default: the trainer's for --data: 40 for the built-in, else 200)",
+    )
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers/trial")
     p.add_argument("--seed", type=int, default=0, help="seed of every trial (and the subsets)")
     p.add_argument(
@@ -241,8 +247,10 @@ def run_study(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         raise StudyError(str(exc)) from None
     common = ["--val-data", val, "--seed", str(args.seed),
               "--num-workers", str(args.workers_per_trial), *extra]  # fmt: skip
-    if args.epochs is not None:
-        common += ["--epochs", str(args.epochs)]
+    # Trials read the data as shard paths (a subset, or the built-in's files), so the
+    # trainer cannot tell the built-in's default epochs from a path's: say them here.
+    epochs = args.epochs if args.epochs is not None else TrainConfig(data=args.data).resolved_epochs
+    common += ["--epochs", str(epochs)]
     env = _trial_env()
     configs = []
     for value in values:
