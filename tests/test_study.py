@@ -70,6 +70,9 @@ def test_grid_parses_checks_and_leaves_out_noise_counts_above_the_data() -> None
     assert grid(STUDIES["embedding-size"], ["8", "16"], 100) == [8, 16]
     assert trial_flags(STUDIES["nce-k"], 10, "D") == ["--data", "D", "--objective", "nce",
                                                       "--nce-k", "10"]  # fmt: skip
+    nce = trial_flags(STUDIES["objective"], "nce", "D", 1437)
+    assert nce == ["--data", "D", "--objective", "nce", "--nce-k", "1436"]  # not the softmax
+    assert trial_flags(STUDIES["objective"], "nce", "D", 50_000)[-1] == "nce"  # K = 4096
     for study, values, needle in [
         ("data-fraction", ["0"], "in \\(0, 1\\]"),
         ("embedding-size", ["x"], "not an integer"),

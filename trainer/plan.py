@@ -126,11 +126,14 @@ def resolve_objective(cfg: TrainConfig, num_rows: int) -> Objective | Parametric
             kind = "sampled-softmax"
     if kind != "softmax" and cfg.nce_k >= num_rows:
         if cfg.nce_k == DEFAULT_K:  # the default K on a small dataset: no noise to sample
-            logger.info(
+            # asked for by name (--objective nce), the switch is worth a warning
+            say = logger.info if cfg.objective_kind == "auto" else logger.warning
+            say(
                 "the default K=%d noise samples is not smaller than the %d training images: "
-                "using the exact softmax (pass --nce-k to choose K)",
+                "using the exact softmax, not %s (pass --nce-k to choose K)",
                 cfg.nce_k,
                 num_rows,
+                kind,
             )
             return Softmax(**common)
         raise ConfigError(

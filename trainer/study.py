@@ -64,6 +64,9 @@ STUDIES = {
     "objective": Study("objective", ("parametric", "softmax", "nce"), str, "--objective (Table 1)"),
 }
 
+#: The trainer's default noise count (``TrainConfig.nce_k``), the paper's m = 4096.
+NCE_K = TrainConfig.nce_k
+
 
 class StudyError(ValueError):
     """A bad input; the message names it."""
@@ -130,8 +133,10 @@ def grid(study: Study, values: list[str] | None, num_train: int) -> list:
     return chosen
 
 
-def trial_flags(study: Study, value: Any, data: str) -> list[str]:
-    """The ``trainer.run`` flags of one trial (``data``: its training shards)."""
+def trial_flags(study: Study, value: Any, data: str, num_train: int | None = None) -> list[str]:
+    """The ``trainer.run`` flags of one trial (``data``: its training shards of ``num_train``
+    images). The objective study's NCE trial samples ``min(4096, num_train - 1)`` noise
+    rows: with the default K on fewer images the trainer would use the exact softmax."""
     flags = ["--data", data]
     if study.name == "embedding-size":
         flags += ["--low-dim", str(value)]
@@ -139,6 +144,8 @@ def trial_flags(study: Study, value: Any, data: str) -> list[str]:
         flags += ["--objective", "nce", "--nce-k", str(value)]
     elif study.name == "objective":
         flags += ["--objective", str(value)]
+        if value == "nce" and num_train is not None and num_train <= NCE_K:
+            flags += ["--nce-k", str(num_train - 1)]
     return flags
 
 
@@ -260,7 +267,7 @@ def run_study(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         configs.append(
             {
                 "value": value,
-                "flags": [*trial_flags(study, value, data), *common],
+                "flags": [*trial_flags(study, value, data, num_train), *common],
                 "output": str(output / "trials" / f"{study.name}={value}"),
                 "env": env,
                 "linear": {"train": train, "val": val} if args.linear else None,
