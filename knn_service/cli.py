@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from featurestore.argtypes import number_type
+
 #: Largest request body the HTTP service accepts unless --max-body-bytes says otherwise.
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -39,35 +41,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message}\n")
 
 
-def _number_type(
-    convert: Callable[[str], float], noun: str, ok: Callable[[float], bool], bound: str
-) -> Callable[[str], float]:
-    """An argparse type: ``convert(text)`` that must satisfy ``ok``, else a one-line error."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-
-    return parse
-
-
 #: argparse type: an int >= 1.
-positive_int = _number_type(int, "an integer", lambda v: v >= 1, ">= 1")
+positive_int = number_type(int, "an integer", lambda v: v >= 1, ">= 1")
 #: argparse type: an int >= 0.
-non_negative_int = _number_type(int, "an integer", lambda v: v >= 0, ">= 0")
+non_negative_int = number_type(int, "an integer", lambda v: v >= 0, ">= 0")
 #: argparse type: a finite float >= 0.
-non_negative_float = _number_type(
+non_negative_float = number_type(
     float, "a number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"
 )
 #: argparse type: a TCP port in [0, 65535] (0: any free port).
-port_number = _number_type(int, "a port number", lambda v: 0 <= v <= 65535, "in [0, 65535]")
+port_number = number_type(int, "a port number", lambda v: 0 <= v <= 65535, "in [0, 65535]")
 #: argparse type: a finite float > 0.
-positive_float = _number_type(
+positive_float = number_type(
     float, "a number", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"
 )
 

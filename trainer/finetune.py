@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from featurestore.argtypes import number_type
 from trainer.config import ARCHS, BUILTIN, CACHE_MODES, LAUNCHERS, ConfigError, TrainConfig
 
 logger = logging.getLogger("trainer.finetune")
@@ -54,27 +55,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message}\n")
 
 
-def _number(kind: type, ok, bound: str):
-    """An argparse type: a ``kind`` for which ``ok(value)`` holds, else one line naming
-    ``bound``."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-
-    return parse
-
-
-_fraction = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
-_positive_int = _number(int, lambda v: v >= 1, ">= 1")
-_count = _number(int, lambda v: v >= 0, ">= 0")
-_positive = _number(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
-_non_negative = _number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_fraction = number_type(float, "a number", lambda v: 0 < v <= 1, "in (0, 1]")
+_positive_int = number_type(int, "an integer", lambda v: v >= 1, ">= 1")
+_count = number_type(int, "an integer", lambda v: v >= 0, ">= 0")
+_positive = number_type(float, "a number", lambda v: 0 < v < float("inf"), "a finite number > 0")
+_non_negative = number_type(
+    float, "a number", lambda v: 0 <= v < float("inf"), "a finite number >= 0"
+)
 
 
 #: ``--help`` of each flag and its argparse settings.
