@@ -20,3 +20,15 @@ def colour_class_folder(src: Path, n: int, seed: int, classes: int = 4, side: in
         (src / f"c{label}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(src / f"c{label}" / f"{i:03d}.png")
     return src
+
+
+def unlabelled_shards(root: Path, n: int = 12) -> str:
+    """Shards under ``root/unlabelled`` of ``n`` generated images that sit at the folder's
+    root, outside any class folder, so every one is written with label -1."""
+    from trainer.make_shards import make_shards
+
+    src = colour_class_folder(root / "src", n, seed=0)
+    for image in list(src.glob("*/*")):
+        image.rename(src / f"{image.parent.name}-{image.name}")  # at the root: no class
+    make_shards(src, root / "unlabelled", progress=False)
+    return str(root / "unlabelled")

@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from generated_images import colour_class_folder
+from generated_images import unlabelled_shards
 
 from trainer import finetune
 from trainer.checkpoints import TrainState, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.finetune_loop import TEMPERATURE, FinetuneNet, accuracy
-from trainer.make_shards import make_shards
 from trainer.models import EncoderConfig, build_encoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,14 +166,6 @@ def test_the_command_runs_through_ray_train(pretrained, tmp_path):
     assert state["classifier.weight"].shape == (10, 128)  # the small trunk's pooled width
 
 
-def _unlabelled_shards(root: Path) -> str:
-    src = colour_class_folder(root / "src", 12, seed=0)
-    for image in list(src.glob("*/*")):
-        image.rename(src / f"{image.parent.name}-{image.name}")  # at the root: no class
-    make_shards(src, root / "unlabelled", progress=False)
-    return str(root / "unlabelled")
-
-
 def _another_arch(root: Path) -> str:
     """A training checkpoint whose config says small-wide but holds the small encoder."""
     model = build_encoder(**EncoderConfig.for_preset("small", 128, "digits").to_dict())
@@ -206,12 +197,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, needle):
         "checkpoint of another arch": lambda: ["--checkpoint", _another_arch(tmp_path),
                                        "--label-fraction", "0.1"],
         "data without labels": lambda: ["--from-scratch", "--label-fraction", "0.5", "--data",
-                                _unlabelled_shards(tmp_path), "--val-data", "digits"],
+                                unlabelled_shards(tmp_path), "--val-data", "digits"],
         "validation is the training data": lambda: ["--from-scratch", "--label-fraction", "0.5",
                                             "--data", "digits", "--val-data",
                                             finetune_train_location()],
         "val data missing": lambda: ["--from-scratch", "--label-fraction", "0.5", "--data",
-                             _unlabelled_shards(tmp_path)],
+                             unlabelled_shards(tmp_path)],
     }[case]()  # fmt: skip
     argv = [*argv, "--launcher", "local", "--output", str(tmp_path / "out")]
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from generated_images import colour_class_folder
+from generated_images import unlabelled_shards
 
 from knn_service import linear, linear_probe
 from knn_service.cli import run
@@ -26,7 +26,6 @@ from knn_service.linear_probe import (
 from trainer.api import dataset_location
 from trainer.checkpoints import TrainState, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.make_shards import make_shards
 from trainer.models import EncoderConfig, build_encoder, export_encoder, pooled_trunk
 
 REPO = Path(__file__).resolve().parent.parent
@@ -230,14 +229,6 @@ def _checkpoint_of_another_arch(run_dir: dict) -> str:
     return str(save_checkpoint(run_dir["root"] / "wide-ckpt", state, config.to_dict()))
 
 
-def _unlabelled_shards(root: Path) -> str:
-    src = colour_class_folder(root / "src", 12, seed=0)
-    for image in list(src.glob("*/*")):
-        image.rename(src / f"{image.parent.name}-{image.name}")  # at the root: no class
-    make_shards(src, root / "unlabelled", progress=False)
-    return str(root / "unlabelled")
-
-
 @pytest.mark.parametrize(
     "case,needle",
     [
@@ -258,10 +249,10 @@ def test_bad_input_is_one_line_and_exit_2(digits_run, capsys, case, needle) -> N
             digits_run, checkpoint=_checkpoint_of_another_arch(digits_run)
         ),
         "train data without labels": lambda: _argv(
-            digits_run, train=_unlabelled_shards(digits_run["root"] / "t")
+            digits_run, train=unlabelled_shards(digits_run["root"] / "t")
         ),
         "val data without labels": lambda: _argv(
-            digits_run, val=_unlabelled_shards(digits_run["root"] / "v")
+            digits_run, val=unlabelled_shards(digits_run["root"] / "v")
         ),
         "missing val data": lambda: _argv(digits_run, val="/nonexistent/val"),
         "bad features": lambda: _argv(digits_run, "--features", "logits"),
