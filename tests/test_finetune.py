@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from generated_images import unlabelled_shards
+from generated_images import colour_class_folder, unlabelled_shards
 
 from trainer import finetune
 from trainer.checkpoints import TrainState, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.finetune_loop import TEMPERATURE, FinetuneNet, accuracy
+from trainer.make_shards import make_shards
 from trainer.models import EncoderConfig, build_encoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -219,3 +220,23 @@ def finetune_train_location() -> str:
     from trainer.api import dataset_location
 
     return dataset_location("digits", "train")
+
+
+def test_validation_images_in_the_labelled_sample_are_refused_by_where_they_came_from(tmp_path):
+    """Shards made twice from one folder share their images; another folder whose files
+    have the same relative names (``c0/00000.png``) does not."""
+    src = colour_class_folder(tmp_path / "src", 16, seed=0)
+    other = colour_class_folder(tmp_path / "other", 16, seed=1)
+    for name, folder in (("train", src), ("again", src), ("other", other)):
+        make_shards(folder, tmp_path / name, progress=False)
+
+    def args(val: str):
+        argv = ["--from-scratch", "--arch", "small", "--label-fraction", "0.5",
+                "--launcher", "local", "--data", str(tmp_path / "train"),
+                "--val-data", str(tmp_path / val), "--output", str(tmp_path / "out")]  # fmt: skip
+        return finetune.parser().parse_args(argv)
+
+    with pytest.raises(finetune.ConfigError, match="8 of its images are in the labelled"):
+        finetune.make_finetune(args("again"))
+    _, _, spec = finetune.make_finetune(args("other"))
+    assert len(spec["labelled_ids"]) == 8

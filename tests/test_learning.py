@@ -17,6 +17,7 @@ checked.
 
 from __future__ import annotations
 
+import json
 import tarfile
 from pathlib import Path
 
@@ -154,10 +155,43 @@ CIFAR_MARGIN_OVER_PIXELS = 0.03
 CIFAR_BANK_BEHIND_RECOMPUTED = 0.08
 
 
+@pytest.fixture(scope="module")
+def cifar_run(cifar_subset, tmp_path_factory) -> tuple[tuple[float, ...], Path]:
+    """The CPU recipe's run on the subset: ``(_learning's four top-1s, its output)``."""
+    output = tmp_path_factory.mktemp("cifar-run") / "run"
+    return _learning(cifar_subset, CIFAR_RUN, "cifar", output), output
+
+
 @pytest.mark.cifar
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.io.image")
-def test_cifar_subset_learns_features_better_than_its_start_and_its_input(cifar_subset, tmp_path):
-    start, bank, end, pixels = _learning(cifar_subset, CIFAR_RUN, "cifar", tmp_path / "run")
+def test_cifar_subset_learns_features_better_than_its_start_and_its_input(cifar_run):
+    (start, bank, end, pixels), _ = cifar_run
     assert end >= start + CIFAR_MARGIN_OVER_EPOCH_0, (start, bank, end, pixels)
     assert end >= pixels + CIFAR_MARGIN_OVER_PIXELS, (start, bank, end, pixels)
     assert bank >= end - CIFAR_BANK_BEHIND_RECOMPUTED, (start, bank, end, pixels)
+
+
+#: Fine-tuning on 10 % of the subset's labels (1,000 images), the defaults otherwise.
+#: Measured from this run (seeds 0 and 1): 41.95 % and 42.15 % against 39.6 % and 40.3 %
+#: from scratch; a 20-epoch run's features gave no lead (39.3 % against 39.6 %).
+FINETUNE_MARGIN_OVER_SCRATCH = 0.01
+
+
+@pytest.mark.cifar
+def test_cifar_fine_tuning_from_the_npid_run_beats_scratch_at_ten_percent_labels(
+    cifar_run, cifar_subset, tmp_path, capsys
+):
+    """The paper's semi-supervised claim (its Fig. 6) on real images: the whole encoder
+    fine-tuned from the NPID run beats the same network trained from scratch on the same
+    labelled sample. (On the built-in digits scratch training catches up: README.)"""
+    from trainer import finetune
+
+    _, run = cifar_run
+    common = ["--data", str(cifar_subset["train"]), "--val-data", str(cifar_subset["test"]),
+              "--label-fraction", "0.1", "--launcher", "local"]  # fmt: skip
+    top1 = {}
+    for name, start in (("pretrained", ["--checkpoint", str(run)]),
+                        ("scratch", ["--from-scratch", "--arch", "small"])):  # fmt: skip
+        assert finetune.main([*start, *common, "--output", str(tmp_path / name)]) == 0
+        top1[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"]
+    assert top1["pretrained"] >= top1["scratch"] + FINETUNE_MARGIN_OVER_SCRATCH, top1

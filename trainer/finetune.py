@@ -201,9 +201,28 @@ def pretrained(location: str, preset: str) -> tuple[dict[str, Any], dict[str, st
     return encoder.to_dict(), source
 
 
+def _sources(location: str) -> list[str]:
+    """Where each image of the shard dataset at ``location`` came from, in row order of its
+    index: the index's ``source`` column, made absolute with ``dataset.json``'s ``source``
+    root when relative (an ImageFolder's ``cat/0001.jpg`` is another image in another
+    folder); an empty list for an index without the column."""
+    from trainer.data.index import read_index_table
+    from trainer.data.shard_files import DatasetLocation
+
+    where = DatasetLocation(location)
+    table = read_index_table(where)
+    if "source" not in table.column_names:
+        return []
+    root = str(json.loads(where.read_bytes("dataset.json")).get("source") or location)
+    return [
+        name if ":" in name or name.startswith("/") else f"{root.rstrip('/')}/{name}"
+        for name in table.column("source").to_pylist()
+    ]
+
+
 def _check_disjoint(plan, ids) -> None:
-    """Refuse validation data that is the training data, or shares images (the index's
-    ``source`` column: where each image came from) with the labelled sample."""
+    """Refuse validation data that is the training data, or shares images (where each image
+    came from: :func:`_sources`) with the labelled sample."""
     import numpy as np
 
     from trainer.data.index import read_index_table
@@ -212,13 +231,13 @@ def _check_disjoint(plan, ids) -> None:
     if plan.train_data == plan.val_data:
         raise ConfigError(f"--val-data {plan.val_data} is the training data: the labelled "
                           "sample must be scored on other images")  # fmt: skip
-    tables = [read_index_table(DatasetLocation(d)) for d in (plan.train_data, plan.val_data)]
-    if not all("source" in t.column_names for t in tables):
+    train, val = _sources(plan.train_data), _sources(plan.val_data)
+    if not train or not val:
         return
-    train = tables[0]
-    by_id = np.empty(train.num_rows, dtype=object)  # rows need not be in id order
-    by_id[train.column("id").to_numpy()] = train.column("source").to_pylist()
-    shared = set(by_id[ids].tolist()) & set(tables[1].column("source").to_pylist())
+    rows = read_index_table(DatasetLocation(plan.train_data)).column("id").to_numpy()
+    by_id = np.empty(len(rows), dtype=object)  # rows need not be in id order
+    by_id[rows] = train
+    shared = set(by_id[ids].tolist()) & set(val)
     if shared:
         raise ConfigError(f"--val-data {plan.val_data}: {len(shared)} of its images are in the "
                           f"labelled sample (e.g. {sorted(shared)[0]})")  # fmt: skip
