@@ -92,8 +92,9 @@ _FLAGS: dict[str, dict[str, Any]] = {
                  help=f"learning rate of SGD, cosine schedule (default: {DEFAULT_LR})"),
     "--trunk-lr-scale": dict(type=_non_negative, default=DEFAULT_TRUNK_SCALE,
                              help="the encoder learns at lr x this, the classifier at lr "
-                             f"(default: {DEFAULT_TRUNK_SCALE}; 0 freezes the encoder, "
-                             "pretrained or random: a linear probe of its features)"),
+                             f"(default: {DEFAULT_TRUNK_SCALE}; 0 keeps the encoder's weights, "
+                             "pretrained or random, so only the classifier learns; its "
+                             "batch-norm statistics still follow the labelled images)"),
     "--weight-decay": dict(type=_non_negative, default=5e-4,
                            help="SGD weight decay (default: 0.0005; momentum 0.9)"),
     "--seed": dict(type=_count, default=0,
