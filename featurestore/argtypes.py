@@ -1,10 +1,19 @@
-"""argparse number types whose errors are one line naming the bound, shared by every
-command (``featurestore`` sits below both the trainer and the service; no torch, no Ray)."""
+"""argparse pieces shared by every command: a parser and number types whose errors are one
+line naming the input (``featurestore`` sits below both the trainer and the service; no
+torch, no Ray)."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
 
 
 def number_type(

@@ -26,7 +26,9 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, NoReturn
+from typing import Any
+
+from featurestore.argtypes import OneLineParser
 
 PROG = "python -m featurestore"
 DEFAULT_NAMESPACE = "npid"  # featurestore.store_transport.DEFAULT_NAMESPACE (no Ray import)
@@ -35,11 +37,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class UsageError(ValueError):
     """A bad input; the message names it."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}\n")
 
 
 def _positive_int(text: str) -> int:
@@ -64,7 +61,7 @@ def _non_negative(text: str) -> float:
 
 def parser() -> argparse.ArgumentParser:
     """The command-line parser (``--help`` imports neither torch nor Ray)."""
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="Start, inspect, snapshot and stop a named feature store on the current "
         "Ray cluster (RAY_ADDRESS, or the local `ray start --head` cluster).",

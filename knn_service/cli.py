@@ -6,14 +6,12 @@ included (no usage dump); ``--help`` still prints the full usage.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
 from collections.abc import Callable
-from typing import NoReturn
 
-from featurestore.argtypes import number_type
+from featurestore.argtypes import OneLineParser, number_type
 
 #: Largest request body the HTTP service accepts unless --max-body-bytes says otherwise.
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -32,13 +30,6 @@ __all__ = [
 
 class UsageError(ValueError):
     """A bad command-line input; the message names it."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line on stderr and exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}\n")
 
 
 #: argparse type: an int >= 1.

@@ -31,9 +31,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from featurestore.argtypes import number_type
+from featurestore.argtypes import OneLineParser, number_type
 from trainer.config import ARCHS, BUILTIN, CACHE_MODES, LAUNCHERS, ConfigError, TrainConfig
 
 logger = logging.getLogger("trainer.finetune")
@@ -46,13 +46,6 @@ DEFAULT_EPOCHS, MIN_STEPS = 30, 300
 DEFAULT_BATCH = 64
 DEFAULT_LR = 0.05
 DEFAULT_TRUNK_SCALE = 1.0
-
-
-class _Parser(argparse.ArgumentParser):
-    """Errors are one line on stderr and exit 2 (``--help`` prints the usage)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}\n")
 
 
 _fraction = number_type(float, "a number", lambda v: 0 < v <= 1, "in (0, 1]")
@@ -115,7 +108,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
 
 def parser() -> argparse.ArgumentParser:
     """The command-line parser (no torch)."""
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="Fine-tune an encoder on a fraction of the labels; prints top-1/top-5 "
         "on the validation data as JSON.",
@@ -202,43 +195,40 @@ def pretrained(location: str, preset: str) -> tuple[dict[str, Any], dict[str, st
     return encoder.to_dict(), source
 
 
-def _sources(location: str) -> list[str]:
-    """Where each image of the shard dataset at ``location`` came from, in row order of its
-    index: the index's ``source`` column, made absolute with ``dataset.json``'s ``source``
-    root when relative (an ImageFolder's ``cat/0001.jpg`` is another image in another
-    folder); an empty list for an index without the column."""
+def _sources(location: str):
+    """Where each image of the shard dataset at ``location`` came from, indexed by id (an
+    object array ``[N]``): the index's ``source`` column, made absolute with
+    ``dataset.json``'s ``source`` root when relative (an ImageFolder's ``cat/0001.jpg`` is
+    another image in another folder); None for an index without the column."""
+    import numpy as np
+
     from trainer.data.index import read_index_table
     from trainer.data.shard_files import DatasetLocation
 
     where = DatasetLocation(location)
     table = read_index_table(where)
     if "source" not in table.column_names:
-        return []
+        return None
     root = str(json.loads(where.read_bytes("dataset.json")).get("source") or location)
-    return [
+    names = [
         name if ":" in name or name.startswith("/") else f"{root.rstrip('/')}/{name}"
         for name in table.column("source").to_pylist()
     ]
+    by_id = np.empty(len(names), dtype=object)  # rows need not be in id order
+    by_id[table.column("id").to_numpy()] = names
+    return by_id
 
 
 def _check_disjoint(plan, ids) -> None:
     """Refuse validation data that is the training data, or shares images (where each image
     came from: :func:`_sources`) with the labelled sample."""
-    import numpy as np
-
-    from trainer.data.index import read_index_table
-    from trainer.data.shard_files import DatasetLocation
-
     if plan.train_data == plan.val_data:
         raise ConfigError(f"--val-data {plan.val_data} is the training data: the labelled "
                           "sample must be scored on other images")  # fmt: skip
     train, val = _sources(plan.train_data), _sources(plan.val_data)
-    if not train or not val:
+    if train is None or val is None:
         return
-    rows = read_index_table(DatasetLocation(plan.train_data)).column("id").to_numpy()
-    by_id = np.empty(len(rows), dtype=object)  # rows need not be in id order
-    by_id[rows] = train
-    shared = set(by_id[ids].tolist()) & set(val)
+    shared = set(train[ids].tolist()) & set(val.tolist())
     if shared:
         raise ConfigError(f"--val-data {plan.val_data}: {len(shared)} of its images are in the "
                           f"labelled sample (e.g. {sorted(shared)[0]})")  # fmt: skip

@@ -23,6 +23,7 @@ embedding), ``labelled_ids``, ``eval_every`` and ``trunk_lr_scale``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -136,11 +137,17 @@ class _LabelledImages(torch.utils.data.Dataset):
     """The labelled images' stored bytes, read once, through a PIL transform (for data
     streamed from the shards: images of several sizes, or too many to hold decoded)."""
 
-    def __init__(self, index: ShardIndex, ids: Tensor, transform) -> None:
+    def __init__(self, index: ShardIndex, ids: Tensor, transform=None) -> None:
         self.ids = ids
         self.files = read_image_bytes(index, ids.tolist())
         self.labels = torch.from_numpy(index.labels)
         self.transform = transform
+
+    def with_transform(self, transform) -> _LabelledImages:
+        """The same images (their bytes not read again) through ``transform``."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -175,17 +182,24 @@ def _labelled_pixels(pixels: DecodedDataset, ids: Tensor) -> DecodedDataset:
     return DecodedDataset(pixels.images, pixels.labels, pixels.seen & mask, "labelled")
 
 
-def labelled_batches(train: Split, ids: Tensor, plan: RunPlan, cfg: TrainConfig, runtime: Runtime):
+def labelled_batches(
+    train: Split,
+    ids: Tensor,
+    plan: RunPlan,
+    cfg: TrainConfig,
+    runtime: Runtime,
+    stored: _LabelledImages | None = None,
+):
     """This rank's training batches ``(images [B, 3, S, S], ids [B], labels [B])`` of the
     labelled ``ids`` only, with the training augmentation; ``set_epoch(e)`` reshuffles.
 
     From the decoded pixels when held (:class:`CachedLoader` over the labelled rows: full
     batches of ``B``, a rank short of them repeating its own images with new augmentations),
-    else from the images' bytes (:class:`_LabelledImages`)."""
+    else from the images' bytes (``stored``, read here when not given)."""
     batch = cfg.resolved_batch_size // runtime.world
     if train.pixels is None:
         transform = build_transform(plan.preset, train=True, image_size=plan.image_size)
-        data = _LabelledImages(train.index, ids, transform)
+        data = (stored or _LabelledImages(train.index, ids)).with_transform(transform)
         return _EpochLoader(data, batch, runtime.rank, runtime.world, cfg)
     labelled = _labelled_pixels(train.pixels, ids)
     transform = build_batch_transform(plan.preset, train=True, image_size=plan.image_size)
@@ -247,13 +261,19 @@ def train_epoch(
     return float(total[0]) / images, float(total[1]) / images, steps
 
 
-def labelled_eval_batches(train: Split, ids: Tensor, plan: RunPlan, setup: EvalSetup):
+def labelled_eval_batches(
+    train: Split,
+    ids: Tensor,
+    plan: RunPlan,
+    setup: EvalSetup,
+    stored: _LabelledImages | None = None,
+):
     """The labelled ``ids``' batches ``(images [b, 3, S, S], ids [b], labels [b])`` with the
     test transform (for :meth:`FinetuneNet.imprint`): from the held pixels, else from the
-    images' bytes."""
+    images' bytes (``stored``, read here when not given)."""
     if train.pixels is None:
         transform = build_transform(plan.preset, train=False, image_size=plan.image_size)
-        data = _LabelledImages(train.index, ids, transform)
+        data = (stored or _LabelledImages(train.index, ids)).with_transform(transform)
         return torch.utils.data.DataLoader(data, batch_size=setup.batch_size)
     return eval_batches(Split(train.index, _labelled_pixels(train.pixels, ids)), setup)
 
@@ -273,8 +293,10 @@ def run_finetune_worker(loop_config: dict, runtime: Runtime) -> dict[str, Any] |
     setup = EvalSetup(plan.preset, plan.image_size, 0, device, plan.num_classes, 1, 1.0,
                       num_workers=cfg.loader_workers)  # fmt: skip
     ids = torch.tensor(spec["labelled_ids"])
+    # streamed data: the labelled images' bytes, read once for imprinting and training
+    stored = _LabelledImages(train.index, ids) if train.pixels is None else None
     network.to(device)
-    network.imprint(labelled_eval_batches(train, ids, plan, setup), device)
+    network.imprint(labelled_eval_batches(train, ids, plan, setup, stored), device)
     model = runtime.prepare_model(network)
     trunk_scale = float(spec.get("trunk_lr_scale", 1.0))
     optimizer = torch.optim.SGD(
@@ -282,7 +304,7 @@ def run_finetune_worker(loop_config: dict, runtime: Runtime) -> dict[str, Any] |
          {"params": network.classifier.parameters(), "scale": 1.0}],
         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
     )  # fmt: skip
-    loader = labelled_batches(train, ids, plan, cfg, runtime)
+    loader = labelled_batches(train, ids, plan, cfg, runtime, stored)
     metrics_file = Path(plan.output) / "metrics.jsonl"
     if runtime.rank == 0:
         metrics_file.unlink(missing_ok=True)  # a restarted worker group starts it again

@@ -36,8 +36,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from featurestore.argtypes import OneLineParser
 from trainer.config import TrainConfig
 
 logger = logging.getLogger("trainer.study")
@@ -72,14 +73,9 @@ class StudyError(ValueError):
     """A bad input; the message names it."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
 def parser() -> argparse.ArgumentParser:
     """The command-line parser (``--help`` imports neither torch nor Ray)."""
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="Run one of the paper's studies as Ray Tune trials of trainer.run.",
         epilog="Flags after `--` go to every trial's trainer.run (e.g. -- --arch resnet18).",
