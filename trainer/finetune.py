@@ -121,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
 def label_sample(labels, fraction: float, seed: int):
     """Sorted ids ``[M]`` of a class-balanced, seeded sample of the *labelled* ids of
     ``labels`` ``[N]`` (int, ``-1`` = no label): each class gives ``round(fraction × its
-    count)`` ids, at least 1 (:func:`trainer.data.subset.sample_ids`).
+    count)`` ids rounded half up, at least 1 (:func:`trainer.data.subset.sample_ids`).
 
     Raises:
         ValueError: ``fraction`` not in ``(0, 1]``, or no id has a label.
