@@ -148,7 +148,7 @@ def test_pretrained_features_beat_random_ones_at_ten_percent_of_the_labels(pretr
     assert sample["num_labelled"] == 143 and len(sample["per_class"]) == 10
     from trainer.data.index import ShardIndex
 
-    classes = np.bincount(ShardIndex.load(finetune_train_location()).labels, minlength=10)
+    classes = np.bincount(ShardIndex.load(_digits_train()).labels, minlength=10)
     assert sample["per_class"] == [int(0.1 * c + 0.5) for c in classes]
 
 
@@ -201,7 +201,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, needle):
                                 unlabelled_shards(tmp_path), "--val-data", "digits"],
         "validation is the training data": lambda: ["--from-scratch", "--label-fraction", "0.5",
                                             "--data", "digits", "--val-data",
-                                            finetune_train_location()],
+                                            _digits_train()],
         "val data missing": lambda: ["--from-scratch", "--label-fraction", "0.5", "--data",
                              unlabelled_shards(tmp_path)],
     }[case]()  # fmt: skip
@@ -216,7 +216,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, needle):
     assert err.startswith(f"{finetune.PROG}: ") and needle in err, err
 
 
-def finetune_train_location() -> str:
+def _digits_train() -> str:
+    """The built-in digits' training shards (written on first use, not at collection)."""
     from trainer.api import dataset_location
 
     return dataset_location("digits", "train")
