@@ -24,9 +24,9 @@ from trainer.study_report import markdown, plot
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def _cli(*args: str, timeout: int = 900, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "trainer.study", *args], cwd=REPO, capture_output=True,
+        [sys.executable, "-m", "trainer.study", *args], cwd=cwd, capture_output=True,
         text=True, timeout=timeout,
     )  # fmt: skip
 
@@ -117,10 +117,15 @@ def test_bad_input_is_one_line_and_exit_2(args, needle) -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_data_fraction_study_runs_on_ray_tune(tmp_path) -> None:
+    # Relative paths, as a user types them: Tune moves each trial into its own directory,
+    # and the trials must still find the data, the output and a --config after `--`.
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "train").symlink_to(ensure_builtin_dataset(split="train"))
+    (tmp_path / "small.yaml").write_text("batch-size: 64\n")
     out = tmp_path / "study"
     result = _cli(
-        "data-fraction", "--values", "0.25", "--epochs", "1", "--output", str(out),
-        "--", "--batch-size", "64", "--low-dim", "16",
+        "data-fraction", "--values", "0.25", "--epochs", "1", "--data", "shards/train",
+        "--output", "study", "--", "--config", "small.yaml", "--low-dim", "16", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(result.stdout.strip().splitlines()[-1])

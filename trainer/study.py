@@ -159,8 +159,8 @@ def subset_data(train: str, fraction: float, seed: int, root: Path) -> str:
 
 
 def run_trial(config: dict[str, Any]) -> None:
-    """A Ray Tune trial (``config["trial"]``: value, flags, output, env): one ``trainer.run``
-    on the study's cluster; reports its final
+    """A Ray Tune trial (``config["trial"]``: value, flags, output, env, cwd): one
+    ``trainer.run`` on the study's cluster; reports its final
     kNN top-1/top-5 (``tune.report``). Raises when the run fails (Tune records it)."""
     from ray import tune
 
@@ -174,7 +174,7 @@ def run_trial(config: dict[str, Any]) -> None:
            "--no-progress"]  # fmt: skip
     with (output / "trial.log").open("w") as log:
         code = subprocess.run(
-            cmd, env=config["env"], stdout=log, stderr=subprocess.STDOUT
+            cmd, env=config["env"], stdout=log, stderr=subprocess.STDOUT, cwd=_cwd(config)
         ).returncode
     if code != 0:
         tail = (output / "trial.log").read_text().strip().splitlines()[-1:]
@@ -186,11 +186,21 @@ def run_trial(config: dict[str, Any]) -> None:
         "epoch": final["epoch"],
     }
     if config.get("linear"):
-        found.update(linear_eval(output, config["linear"], config["env"]))
+        found.update(linear_eval(output, config["linear"], config["env"], _cwd(config)))
     tune.report({**found, "seconds": round(time.monotonic() - start, 1)})
 
 
-def linear_eval(run: Path, data: dict[str, str], env: dict[str, str]) -> dict[str, float]:
+def _cwd(config: dict[str, Any]) -> str | None:
+    """Where a trial's commands run: the study's working directory where this node has it,
+    so relative paths (``--data``, flags after ``--``) mean what they meant to the user;
+    Tune has moved the trial into its own directory."""
+    cwd = config.get("cwd")
+    return cwd if cwd and Path(cwd).is_dir() else None
+
+
+def linear_eval(
+    run: Path, data: dict[str, str], env: dict[str, str], cwd: str | None = None
+) -> dict[str, float]:
     """The linear SVM of ``python -m knn_service.linear`` (the paper's Table 1 protocol) on
     the run's exported encoder, trained on ``data["train"]``, scored on ``data["val"]``.
 
@@ -199,7 +209,7 @@ def linear_eval(run: Path, data: dict[str, str], env: dict[str, str]) -> dict[st
     cmd = [sys.executable, "-m", "knn_service.linear", "--checkpoint", str(run / "encoder"),
            "--train-data", data["train"], "--val-data", data["val"],
            "--classifier", "svm"]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
     (run / "linear.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"knn_service.linear exited {done.returncode}: {done.stderr[-300:]}")
@@ -266,6 +276,7 @@ def run_study(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
                 "flags": [*trial_flags(study, value, data, num_train), *common],
                 "output": str(output / "trials" / f"{study.name}={value}"),
                 "env": env,
+                "cwd": os.getcwd(),
                 "linear": {"train": train, "val": val} if args.linear else None,
             }
         )
