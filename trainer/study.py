@@ -160,8 +160,8 @@ def subset_data(train: str, fraction: float, seed: int, root: Path) -> str:
 
 def run_trial(config: dict[str, Any]) -> None:
     """A Ray Tune trial (``config["trial"]``: value, flags, output, env, cwd): one
-    ``trainer.run`` on the study's cluster; reports its final
-    kNN top-1/top-5 (``tune.report``). Raises when the run fails (Tune records it)."""
+    ``trainer.run`` on the study's cluster; reports its final kNN top-1/top-5
+    (``tune.report``). Raises when the run fails (Tune records it)."""
     from ray import tune
 
     from trainer.metrics import read_jsonl
@@ -170,11 +170,12 @@ def run_trial(config: dict[str, Any]) -> None:
     output = Path(config["output"])
     output.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
+    cwd = _cwd(config)
     cmd = [sys.executable, "-m", "trainer.run", *config["flags"], "--output", str(output),
            "--no-progress"]  # fmt: skip
     with (output / "trial.log").open("w") as log:
         code = subprocess.run(
-            cmd, env=config["env"], stdout=log, stderr=subprocess.STDOUT, cwd=_cwd(config)
+            cmd, env=config["env"], stdout=log, stderr=subprocess.STDOUT, cwd=cwd
         ).returncode
     if code != 0:
         tail = (output / "trial.log").read_text().strip().splitlines()[-1:]
@@ -186,7 +187,7 @@ def run_trial(config: dict[str, Any]) -> None:
         "epoch": final["epoch"],
     }
     if config.get("linear"):
-        found.update(linear_eval(output, config["linear"], config["env"], _cwd(config)))
+        found.update(linear_eval(output, config["linear"], config["env"], cwd))
     tune.report({**found, "seconds": round(time.monotonic() - start, 1)})
 
 
