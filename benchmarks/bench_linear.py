@@ -81,7 +81,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
     x, y = synthetic_features(args.num_train, args.dim, args.classes, args.noise, args.seed)
     x_val, y_val = synthetic_features(args.num_val, args.dim, args.classes, args.noise, 99)
     print(f"features: {args.num_train} x {args.dim} train, {args.num_val} val, "
