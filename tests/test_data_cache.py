@@ -41,7 +41,7 @@ def _write_source(root: Path, n: int, size=(12, 12), odd_size_at: int | None = N
 def dataset(tmp_path) -> tuple[Path, Path]:
     """80 class-sorted 12×12 images in 3 shards: ``(source, shards)``."""
     src = _write_source(tmp_path, 80)
-    make_shards(src, tmp_path / "shards", shard_size=30, progress=False)
+    make_shards(src, tmp_path / "shards", shard_size=30, order="sorted", progress=False)
     return src, tmp_path / "shards"
 
 
@@ -100,7 +100,7 @@ def test_corrupt_sample_is_skipped_and_counted(dataset, tmp_path):
 
 def test_images_of_two_sizes_cannot_be_cached(tmp_path):
     src = _write_source(tmp_path, 20, odd_size_at=7)
-    make_shards(src, tmp_path / "shards", shard_size=30, progress=False)
+    make_shards(src, tmp_path / "shards", shard_size=30, order="sorted", progress=False)
     index = ShardIndex.load(tmp_path / "shards")
     assert decoded_bytes(index) is None
     with pytest.raises(DataCacheError, match="differ in size"):

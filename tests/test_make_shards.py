@@ -109,7 +109,7 @@ def _snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
 
 def test_imagefolder_round_trip(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    summary = make_shards(image_folder, out, shard_size=3)
+    summary = make_shards(image_folder, out, shard_size=3, order="sorted")
 
     expected = _sorted_paths(GOOD)
     n = len(expected)
@@ -130,6 +130,7 @@ def test_imagefolder_round_trip(image_folder: Path, tmp_path: Path) -> None:
             ("label", pa.int32()),
             ("key", pa.string()),
             ("shard", pa.string()),
+            ("offset", pa.int64()),
             ("source", pa.string()),
         ]
     )
@@ -279,7 +280,7 @@ def test_cifar_batches_round_trip(tmp_path: Path, split: str) -> None:
     src = tmp_path / "cifar-10-batches-py"
     content = _fake_cifar(src)
     out = tmp_path / "out"
-    summary = make_shards(src, out, shard_size=2, split=split)
+    summary = make_shards(src, out, shard_size=2, split=split, order="sorted")
     names = ["data_batch_1", "data_batch_2"] if split == "train" else ["test_batch"]
     expected = [(n, r) for n in names for r in range(len(content[n][1]))]
     assert summary.num_instances == len(expected)
@@ -429,3 +430,44 @@ def test_an_unwritable_output_is_exit_2_and_outputs_keep_the_umask(tmp_path: Pat
         os.umask(old)
     for name in ("dataset.json", "index.parquet", "skipped.txt", "shard-000000.tar"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+
+
+# --------------------------------------------------------------------------- order, offsets
+
+
+def test_random_order_is_a_seeded_permutation(image_folder: Path, tmp_path: Path) -> None:
+    """Default order: ids follow a permutation of the sorted paths drawn from the seed (the
+    same for the same seed, another for another), the index still maps id -> source."""
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 5)):
+        make_shards(image_folder, tmp_path / name, shard_size=3, seed=seed)
+        runs[name] = pq.read_table(tmp_path / name / "index.parquet").to_pylist()
+    sources = [r["source"] for r in runs["a"]]
+    assert sources == [r["source"] for r in runs["b"]]
+    assert sources != [r["source"] for r in runs["c"]]
+    assert sorted(sources, key=lambda p: tuple(p.split("/"))) == _sorted_paths(GOOD)
+    assert sources != _sorted_paths(GOOD)
+    assert [r["id"] for r in runs["a"]] == list(range(len(GOOD)))
+    meta = json.loads((tmp_path / "a" / "dataset.json").read_text())
+    assert meta["order"] == "random" and meta["order_seed"] == 0
+    for r in runs["a"]:  # the bytes stored under each id are those of its source file
+        members = _read_tar(tmp_path / "a" / r["shard"])
+        ext = Path(r["source"]).suffix.lower().lstrip(".")
+        assert members[f"{r['key']}.{ext}"] == (image_folder / r["source"]).read_bytes()
+
+
+def test_offsets_point_at_each_samples_first_header(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    make_shards(image_folder, out, shard_size=3)
+    rows = pq.read_table(out / "index.parquet").to_pylist()
+    for r in rows:
+        with tarfile.open(out / r["shard"]) as tar:
+            first = next(m for m in tar.getmembers() if m.name.startswith(r["key"] + "."))
+        assert first.offset == r["offset"]
+
+
+def test_bad_order_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown order"):
+        make_shards(image_folder, tmp_path / "out", order="shuffled")
+    result = _cli(image_folder, tmp_path / "out2", "--order", "shuffled")
+    assert result.returncode == 2 and "--order" in result.stderr

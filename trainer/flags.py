@@ -36,7 +36,9 @@ _ZERO_IS_AUTO = {"epochs", "batch_size"}
 
 #: ``--help`` text of every flag (the default is appended from TrainConfig).
 HELP: dict[str, str] = {
-    "data": f"training shards (a directory or URL), or '{BUILTIN}', the built-in dataset",
+    "data": "training data: a make_shards directory or URL; webdataset tar URLs, brace "
+    f"patterns ('train-{{000000..000099}}.tar') or a folder of .tar files (indexed once, "
+    f"not copied); or '{BUILTIN}', the built-in dataset",
     "val_data": "validation shards for the kNN evaluation (built-in data: its test split)",
     "output": "output directory: metrics.jsonl, checkpoints under ray/, the encoder",
     "arch": "encoder; auto: small on the built-in data, resnet18 with --use-gpu, "
@@ -76,6 +78,10 @@ HELP: dict[str, str] = {
     "knn_k": "neighbours k of the kNN vote",
     "max_failures": "worker-group restarts from the last checkpoint",
     "loader_workers": "DataLoader processes per worker (streaming; decoding for the cache)",
+    "data_label": "labels of existing webdataset shards named by --data: cls, json:FIELD or none",
+    "shuffle_buffer": "streaming: samples each loader process holds to shuffle (0 = none; "
+    "memory ~ buffer x file size)",
+    "open_shards": "streaming: pieces of shards each loader process reads at once",
     "image_size": "input side in pixels (0 = by dataset: 32 up to 64 px images, else 224)",
     "data_cache": "auto: hold the decoded data in memory (on the GPU with --use-gpu) when it "
     "fits --data-cache-budget; off: stream the shards",

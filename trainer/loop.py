@@ -38,6 +38,7 @@ from trainer.data.order import _mix
 from trainer.evaluation import EvalSetup, Split, evaluate, index_from_export
 from trainer.guard import DivergenceWatch, TrainingStoppedError
 from trainer.metrics import append_jsonl, truncate_jsonl_after
+from trainer.mixing import LabelMixing, mixing_warning
 from trainer.models import EncoderConfig, build_encoder, export_encoder
 from trainer.parametric import InstanceClassifier, head_state, load_head_state, with_head
 from trainer.plan import RunPlan
@@ -246,6 +247,8 @@ def train_batches(w: Worker):
         world_size=w.world,
         num_workers=w.cfg.loader_workers,
         seed=w.cfg.seed,
+        shuffle_buffer=w.cfg.shuffle_buffer,
+        open_shards=w.cfg.open_shards,
         pin_memory=w.device.type == "cuda",
     )
 
@@ -275,8 +278,13 @@ def _all_finite(w: Worker, feats: torch.Tensor) -> bool:
     return bool(ok.item())
 
 
-def train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, float, int]:
+def train_epoch(
+    w: Worker, loader, epoch: int, step: int, mixing: LabelMixing | None = None
+) -> tuple[int, float, float, int]:
     """One epoch: ``(step, mean loss, images/s, corrupt samples skipped)``, all ranks.
+
+    With ``mixing``, the batches' labels are counted there and ``mixing.last`` becomes the
+    epoch's label mixing (all ranks; ``None`` without labels).
 
     Raises:
         TrainingStoppedError: the features or the epoch's loss are not finite.
@@ -310,7 +318,9 @@ def train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, f
     with _torch_threads(loading):
         batch = next(batches, None)
     while batch is not None:
-        x, ids, _labels = batch
+        x, ids, labels = batch
+        if mixing is not None:
+            mixing.add(labels)
         t0 = time.perf_counter()
         x = x.to(w.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.cfg.autocast):
@@ -347,10 +357,18 @@ def train_epoch(w: Worker, loader, epoch: int, step: int) -> tuple[int, float, f
     elapsed = time.perf_counter() - start
     if loader.epoch_skipped:
         w.metrics.count("skipped", loader.epoch_skipped)
-    sums = torch.tensor([total, count, images, elapsed, loader.epoch_skipped], dtype=torch.float64)
+    entropy = mixing.entropy_sum() if mixing is not None else 0.0
+    batches = mixing.batches if mixing is not None else 0
+    sums = torch.tensor(
+        [total, count, images, elapsed, loader.epoch_skipped, entropy, batches],
+        dtype=torch.float64,
+    )
     if w.world > 1 and dist.is_initialized():
         dist.all_reduce(sums)
     skipped = int(sums[4])
+    if mixing is not None:
+        mixing.last = mixing.fraction(float(sums[5]), int(sums[6]))
+        mixing.reset()
     if skipped and w.rank == 0:  # reported once per epoch, for all ranks
         logger.warning("epoch %d: skipped %d corrupt samples", epoch + 1, skipped)
     loss_mean = float(sums[0] / max(1.0, sums[1]))
@@ -411,11 +429,13 @@ def _train(w: Worker) -> None:
     objective = w.plan.objective
     z_mode = "ema" if objective.get("z_momentum") is not None else "fixed"
     watch = DivergenceWatch(objective["kind"], z_mode, w.cfg.nce_m)
+    mixing = LabelMixing(w.train.index.labels, w.cfg.resolved_batch_size // w.world)
+    mixing_warned = False
     if evaluate_now and start_epoch == 0 and step == 0 and w.rank == 0:
         # Before the first step the bank holds random rows: evaluate recomputed features.
         _record(w, _final_record(w, 0, 0, evaluate_knn(w, recompute=True)))
     for epoch in range(start_epoch, epochs):
-        step, loss, ips, skipped = train_epoch(w, loader, epoch, step)
+        step, loss, ips, skipped = train_epoch(w, loader, epoch, step, mixing)
         done = epoch + 1
         record = {
             "epoch": done,
@@ -424,6 +444,12 @@ def _train(w: Worker) -> None:
             "images_per_sec": ips,
             "skipped": skipped,
         }
+        if mixing.last is not None:
+            record["label_mixing"] = mixing.last
+            poor = mixing_warning(mixing.last)
+            if poor is not None and not mixing_warned and w.rank == 0:
+                mixing_warned = True
+                logger.warning("warning: %s", poor)
         warning = watch.check(done, loss)
         if warning is not None:
             record["warning"] = warning

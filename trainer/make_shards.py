@@ -1,6 +1,9 @@
 """Convert one split of an image dataset into webdataset shards (DESIGN.md §5).
 
     python -m trainer.make_shards SRC OUT [--shard-size N] [--split train|test] [--overwrite]
+    python -m trainer.make_shards index URLS... OUT [--label cls|json:FIELD|none]
+
+The second form indexes webdataset shards that exist already (:mod:`trainer.index_shards`).
 
 ``SRC`` is an ImageFolder root, a ``cifar-10-batches-py`` directory or the name of the built-in
 dataset (``digits``); see :mod:`trainer.data.sources`. Output in ``OUT``:
@@ -10,7 +13,8 @@ dataset (``digits``); see :mod:`trainer.data.sources`. Output in ``OUT``:
   re-encoded; png for CIFAR batches and the built-in dataset) and ``cls`` = the label as ASCII
   (``-1`` when unknown). Samples inside a shard are in id order.
 - ``index.parquet``: one row per instance in id order: ``id`` int64, ``label`` int32, ``key``
-  string, ``shard`` string (the shard's file name), ``source`` string (path relative to
+  string, ``shard`` string (the shard's file name), ``offset`` int64 (byte offset of the
+  sample's first tar header in its shard), ``source`` string (path relative to
   ``SRC`` or ``batch:row``).
 - ``skipped.txt``: one ``source<TAB>reason`` line per file that was not taken: images that did
   not decode, then (ImageFolder) hidden files and directories and non-image file names.
@@ -19,10 +23,12 @@ dataset (``digits``); see :mod:`trainer.data.sources`. Output in ``OUT``:
   ``key_width``, ``image_size_min``/``image_size_max`` (smallest/largest image side),
   ``shards`` and ``shard_counts``. Written last: its presence marks a complete conversion.
 
-Ids are dense over the images that decode, in sorted-path order, so they are stable across
-runs. Shard layout: instance ``i`` goes to shard ``i % num_shards``, so every shard is a
-class-balanced sample of the dataset and streaming loaders mix classes even with a small
-shuffle buffer; ``num_shards = ceil(#files / shard_size)``.
+Ids are dense over the images that decode, in a random order drawn from ``--seed`` (a
+permutation of the sorted paths, so stable for a given seed; ``--order sorted`` keeps sorted
+paths, where class folders become runs of ids). Shard layout: instance ``i`` goes to shard
+``i % num_shards``; ``num_shards = ceil(#files / shard_size)``. In random order every shard
+and every run of consecutive samples mixes classes; the streaming reader mixes shards written
+in sorted order too (:mod:`trainer.data.stream`), at the cost of more open pieces.
 
 Every image is fully decoded with PIL (in threads) before it is written; one that fails is
 skipped and listed. Everything is written under temporary names in ``OUT`` and renamed once
@@ -53,6 +59,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -79,7 +86,8 @@ SHARD_NAME = "shard-{:06d}.tar"
 SHARD_GLOB = "shard-*.tar"
 PARTIAL_SUFFIX = ".partial"
 MIN_KEY_WIDTH = 9
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ids in a seeded random order by default; offset column
+ORDERS = ("random", "sorted")
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "npid" / "data"
 INDEX_SCHEMA = pa.schema(
     [
@@ -87,9 +95,12 @@ INDEX_SCHEMA = pa.schema(
         ("label", pa.int32()),
         ("key", pa.string()),
         ("shard", pa.string()),
+        ("offset", pa.int64()),
         ("source", pa.string()),
     ]
 )
+
+_SALT_ORDER = 0x5EED04
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -145,11 +156,14 @@ class _ShardWriter:
         self._size = 0
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
 
-    def write(self, key: str, ext: str, image: bytes, label: int) -> None:
+    def write(self, key: str, ext: str, image: bytes, label: int) -> int:
+        """Append one sample; returns the byte offset of its first header."""
         chunk = _tar_member(f"{key}.{ext}", image) + _tar_member(f"{key}.cls", b"%d" % label)
+        offset = self._size
         self._file.write(chunk)
         self._size += len(chunk)
         self.count += 1
+        return offset
 
     def close(self) -> None:
         if self._file.closed:
@@ -251,6 +265,8 @@ def make_shards(
     *,
     num_threads: int | None = None,
     progress: bool | None = None,
+    order: str = "random",
+    seed: int = 0,
 ) -> ShardSummary:
     """Convert one split of ``src`` into webdataset shards in ``out`` (see module docstring).
 
@@ -263,6 +279,10 @@ def make_shards(
         overwrite: replace a previous conversion in ``out``.
         num_threads: decode-verification threads; default ``min(8, cpu count)``.
         progress: show a tqdm bar on stderr; ``None`` shows it when stderr is a terminal.
+        order: ``"random"``: ids follow a permutation of the sorted paths drawn from
+            ``seed``, so every shard and every run of consecutive ids mixes classes;
+            ``"sorted"``: ids in sorted-path order (class folders become runs of ids).
+        seed: the permutation's seed (``order="random"``).
 
     Returns:
         A :class:`ShardSummary`.
@@ -274,6 +294,10 @@ def make_shards(
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; expected one of {ORDERS}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a directory")
@@ -289,6 +313,9 @@ def make_shards(
         stale.unlink(missing_ok=True)
 
     records = source.records
+    if order == "random":
+        perm = np.random.default_rng(np.random.SeedSequence([seed, _SALT_ORDER]))
+        records = [records[i] for i in perm.permutation(len(records))]
     num_shards = math.ceil(len(records) / shard_size)
     key_width = max(MIN_KEY_WIDTH, len(str(len(records) - 1)))
     threads = num_threads or min(8, os.cpu_count() or 1)
@@ -319,10 +346,10 @@ def make_shards(
                 iid = len(rows["id"])
                 key = f"{iid:0{key_width}d}"
                 shard = iid % num_shards
-                writers[shard].write(key, record.ext, data, record.label)
+                offset = writers[shard].write(key, record.ext, data, record.label)
                 for col, value in zip(
                     INDEX_SCHEMA.names,
-                    (iid, record.label, key, names[shard], record.source),
+                    (iid, record.label, key, names[shard], offset, record.source),
                     strict=True,
                 ):
                     rows[col].append(value)
@@ -340,7 +367,7 @@ def make_shards(
             os.replace(writers[i].path, out / names[i])
         shards = tuple(names[i] for i in kept)
         counts = tuple(writers[i].count for i in kept)
-        _write_outputs(out, source, rows, skipped, shards, counts, key_width, sides)
+        _write_outputs(out, source, rows, skipped, shards, counts, key_width, sides, order, seed)
     finally:
         for w in writers:
             w.close()
@@ -390,6 +417,8 @@ def _write_outputs(
     counts: tuple[int, ...],
     key_width: int,
     sides: tuple[int, int],
+    order: str,
+    seed: int,
 ) -> None:
     """index.parquet, skipped.txt, then dataset.json (last: it marks completion)."""
     table = pa.table(rows, schema=INDEX_SCHEMA)
@@ -408,6 +437,8 @@ def _write_outputs(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "num_skipped": len(skipped) - len(source.ignored),
         "key_width": key_width,
+        "order": order,
+        "order_seed": seed if order == "random" else None,
         "image_size_min": sides[0],
         "image_size_max": sides[1],
         "shards": list(shards),
@@ -487,12 +518,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", choices=SPLITS, default="train", help="split (default train)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing conversion")
-    p.add_argument("--threads", type=int, default=None, help="decode-verification threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="decode-verification threads (default min(8, cores))",
+    )
+    p.add_argument(
+        "--order",
+        choices=ORDERS,
+        default="random",
+        help="id order: random (seeded permutation, batches mix classes; default) or sorted "
+        "(sorted paths: class folders become runs of ids)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of --order random (default 0)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (2 on bad input)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["index"]:
+        from trainer.index_shards import main as index_main
+
+        return index_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.shard_size < 1:
@@ -506,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
             split=args.split,
             overwrite=args.overwrite,
             num_threads=args.threads,
+            order=args.order,
+            seed=args.seed,
         )
     except ValueError as exc:  # SourceError, OutputExistsError and other bad input
         sys.stderr.write(f"make_shards: error: {exc}\n")

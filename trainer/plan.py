@@ -27,6 +27,7 @@ from trainer.checkpoints import (
 from trainer.config import BUILTIN, RESUME_KEYS, SOFTMAX_AUTO_MAX_ROWS, ConfigError, TrainConfig
 from trainer.data import ShardIndex
 from trainer.data.cache import decoded_bytes
+from trainer.index_shards import ensure_index, names_shards
 from trainer.make_shards import ensure_builtin_dataset
 from trainer.parametric import KIND as PARAMETRIC
 from trainer.parametric import Parametric
@@ -83,7 +84,12 @@ def _absolute(location: str) -> str:
     return location if is_url(location) else os.path.abspath(location)
 
 
-def _load_index(location: str, flag: str) -> ShardIndex:
+def _load_index(location: str, flag: str, label: str = "cls") -> ShardIndex:
+    if names_shards(location):  # existing webdataset shards: index them once
+        try:
+            location = str(ensure_index(location, label))
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"{flag} {location}: {exc}") from None
     if not is_url(location):
         path = Path(location)
         if not path.exists():
@@ -213,10 +219,10 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
         )
     else:  # workers run in another directory: local paths become absolute
         train_data, val_data = _absolute(cfg.data), cfg.val_data and _absolute(cfg.val_data)
-    train_index = _load_index(train_data, "--data")
+    train_index = _load_index(train_data, "--data", cfg.data_label)
     val_index: ShardIndex | None = None
     if val_data is not None:
-        val_index = _load_index(val_data, "--val-data")
+        val_index = _load_index(val_data, "--val-data", cfg.data_label)
         unlabelled = int((val_index.labels < 0).sum())
         if unlabelled:
             raise ConfigError(

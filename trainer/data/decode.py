@@ -77,17 +77,14 @@ class _BadSampleError(Exception):
     """A sample lacks a field or its bytes do not decode."""
 
 
-def _image_and_label(fields: dict[str, bytes]) -> tuple[bytes, int]:
+def _image_field(fields: dict[str, bytes]) -> bytes:
+    """The image bytes of a sample (the first of :data:`IMAGE_FIELDS` present). Labels come
+    from the index (make_shards' ``cls``, or whatever field an index of existing shards
+    took them from), so a sample needs nothing but its image."""
     image = next((fields[ext] for ext in IMAGE_FIELDS if ext in fields), None)
     if image is None:
         raise _BadSampleError(f"no image field (fields: {sorted(fields)})")
-    cls = fields.get("cls")
-    if cls is None:
-        raise _BadSampleError("no cls field")
-    try:
-        return image, int(cls)
-    except ValueError:
-        raise _BadSampleError(f"bad cls field {cls[:20]!r}") from None
+    return image
 
 
 # --------------------------------------------------------------------------- collation

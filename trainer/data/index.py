@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from featurestore.files import is_url
 from trainer.data.shard_files import DatasetLocation
 
 # --------------------------------------------------------------------------- index
@@ -34,6 +35,12 @@ class ShardIndex:
         id_pos: int64 ``[N]``, the position of each id inside its shard.
         classes: class names.
         meta: the content of ``dataset.json``.
+        shard_keys: per shard, the sample keys in position order (object arrays of str), from
+            the index's ``key`` column; ``None`` when the index has none (keys are then the
+            zero-padded ids, as make_shards wrote them before format 2).
+        shard_offsets: per shard, the byte offset of each sample's first tar header (int64),
+            from the ``offset`` column; ``None`` when absent (readers then walk the shard
+            from its start).
     """
 
     location: DatasetLocation
@@ -44,6 +51,8 @@ class ShardIndex:
     id_pos: np.ndarray = field(repr=False)
     classes: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
+    shard_keys: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
+    shard_offsets: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
 
     @property
     def num_instances(self) -> int:
@@ -56,8 +65,12 @@ class ShardIndex:
         return [len(ids) for ids in self.shard_ids]
 
     def shard_url(self, shard: int) -> str:
-        """URL of shard number ``shard``."""
-        return self.location.url(self.shards[shard])
+        """URL of shard number ``shard``: its name in the dataset's location, or the name
+        itself when it is a URL or an absolute path (an index of shards kept elsewhere)."""
+        name = self.shards[shard]
+        if is_url(name) or os.path.isabs(name):
+            return name
+        return self.location.url(name)
 
     @property
     def num_classes(self) -> int:
@@ -131,6 +144,15 @@ class ShardIndex:
         id_pos = np.empty(n, dtype=np.int64)
         for sid in shard_ids:
             id_pos[sid] = np.arange(len(sid))
+        shard_keys = shard_offsets = None
+        if "key" in table.column_names:
+            by_id = np.empty(n, dtype=object)
+            by_id[ids] = np.asarray(table["key"].to_pylist(), dtype=object)
+            shard_keys = tuple(by_id[sid] for sid in shard_ids)
+        if "offset" in table.column_names:
+            off = np.empty(n, dtype=np.int64)
+            off[ids] = table["offset"].to_numpy()
+            shard_offsets = tuple(off[sid] for sid in shard_ids)
         return cls(
             location=location,
             shards=tuple(shards),
@@ -140,6 +162,8 @@ class ShardIndex:
             id_pos=id_pos,
             classes=tuple(meta.get("classes", ())),
             meta=meta,
+            shard_keys=shard_keys,
+            shard_offsets=shard_offsets,
         )
 
 

@@ -125,18 +125,27 @@ class _TarReader:
     """Minimal sequential tar reader (ustar, GNU long names, pax paths) that can skip a
     member's data without reading it (a seek on seekable streams)."""
 
-    def __init__(self, fileobj: BinaryIO):
+    def __init__(self, fileobj: BinaryIO, offset: int = 0):
         self._f = fileobj
         try:
             self._seekable = bool(fileobj.seekable())
         except (AttributeError, OSError):
             self._seekable = False
+        self.pos = 0  # bytes of the archive consumed so far
+        if offset:
+            self._skip(offset)
+
+    @property
+    def seekable(self) -> bool:
+        """Whether skipping is a seek (local files, fsspec range reads) or a read."""
+        return self._seekable
 
     def next_member(self) -> tuple[str, int] | None:
         """The next regular file's ``(name, size)``; ``None`` at the end of the archive."""
         long_name: str | None = None
         while True:
             block = self._f.read(_BLOCK)
+            self.pos += len(block)
             if not block or block == _ZERO_BLOCK:
                 return None
             if len(block) < _BLOCK:
@@ -167,6 +176,7 @@ class _TarReader:
     def read_data(self, size: int) -> bytes:
         """The current member's data (then skips its padding)."""
         data = self._f.read(size)
+        self.pos += len(data)
         if len(data) < size:
             raise _TarError("truncated tar member")
         self._skip(-size % _BLOCK)
@@ -179,6 +189,7 @@ class _TarReader:
     def _skip(self, n: int) -> None:
         if n == 0:
             return
+        self.pos += n
         if self._seekable:
             self._f.seek(n, os.SEEK_CUR)
             return
@@ -191,22 +202,35 @@ class _TarReader:
 
 class _ShardCursor:
     """Reads one shard sample by sample; members of a sample are consecutive, named
-    ``<key>.<ext>`` (webdataset convention: the key ends at the first dot of the base name)."""
+    ``<key>.<ext>`` (webdataset convention: the key ends at the first dot of the base name).
 
-    def __init__(self, url: str):
+    ``offset``/``pos``: start at the sample whose first header is at byte ``offset`` and which
+    is the shard's sample number ``pos`` (from the index), a seek where the file allows it.
+    :attr:`key_offset` is the byte offset of the sample :meth:`peek_key` returned.
+    """
+
+    def __init__(self, url: str, offset: int = 0, pos: int = 0):
         self.url = url
-        self.next_pos = 0  # no sample before this position is still unread
+        self.next_pos = pos  # no sample before this position is still unread
         try:
             self._file = open_url(url)
         except FileNotFoundError:
             raise FileNotFoundError(f"shard not found: {url}") from None
-        self._tar = _TarReader(self._file)
+        self._tar = _TarReader(self._file, offset)
         self._head: tuple[str, str, int] | None = None  # read header, unread data
         self._eof = False
+        self.key_offset = offset
+        self._key: str | None = None
+
+    @property
+    def seekable(self) -> bool:
+        """Whether the shard can be entered at an offset without reading what lies before."""
+        return self._tar.seekable
 
     def peek_key(self) -> str | None:
         """Key of the next sample, without consuming it; ``None`` at the end."""
         if self._head is None and not self._eof:
+            start = self._tar.pos
             member = self._tar.next_member()
             if member is None:
                 self._eof = True
@@ -216,6 +240,8 @@ class _ShardCursor:
                 dot = name.find(".", slash)
                 dot = len(name) if dot < 0 else dot
                 self._head = (name[:dot], name[dot + 1 :].lower(), size)
+                if self._head[0] != self._key:
+                    self.key_offset, self._key = start, self._head[0]
         return None if self._head is None else self._head[0]
 
     def take(self, read: bool) -> dict[str, bytes]:

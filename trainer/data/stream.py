@@ -23,9 +23,14 @@ its last batches up with repeats of a few of its own samples (fewer than ``B + 1
 so every instance is visited at least once per epoch and no rank waits for another in DDP.
 Inside a rank, batch ``j`` comes from DataLoader worker ``j % num_workers`` (the order
 DataLoader collects them in); each worker gets a contiguous, proportional part of the rank's
-samples, streams it through a shuffle buffer and collates whole batches itself. Corrupt
+samples, cuts it into pieces (64 samples locally), reads the pieces in a random order with
+``open_shards`` of them open at once (each sample from a random open piece), streams that
+through a shuffle buffer and collates whole batches itself. So batches mix classes even on
+shards written in class order (webdataset's shard shuffle + sample buffer, with pieces in
+place of whole shards where shards can be entered at an offset). Corrupt
 samples are replaced by further samples, so step counts hold even then. The order depends
-only on ``(seed, epoch, rank, world_size, num_workers, batch_size, shuffle_buffer)``;
+only on ``(seed, epoch, rank, world_size, num_workers, batch_size, shuffle_buffer,
+open_shards, piece_size)``;
 augmentation draws are seeded the same way inside worker processes (with ``num_workers=0``
 they use the caller's global torch RNG). Call :meth:`ShardLoader.set_epoch` before each
 epoch, as with ``DistributedSampler``.
@@ -34,7 +39,7 @@ epoch, as with ``DistributedSampler``.
 in id order: rank ``r`` takes ids ``[r*N//W, (r+1)*N//W)`` (ranks' batch counts may differ
 by one), batches are consecutive id ranges, the last one may be short.
 
-**Corrupt samples** (undecodable bytes, a missing image or ``cls`` field, a key that is not in
+**Corrupt samples** (undecodable bytes, a missing image field, a key that is not in
 the index, samples absent from a truncated shard) are skipped, logged (the first few per
 worker) and counted: each batch carries its worker's count of samples skipped since the
 previous batch, and :class:`ShardLoader` adds them up in the main process as
@@ -57,9 +62,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import ToTensor
 
+from featurestore.files import is_url
 from trainer.data.decode import (
     _BadSampleError,
-    _image_and_label,
+    _image_field,
     _TensorTail,
     _uint8_hwc,
     decode_image,
@@ -85,6 +91,8 @@ from trainer.data.segments import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHUFFLE_BUFFER = 2000
+DEFAULT_OPEN_SHARDS = 16
+PIECE_LOCAL, PIECE_REMOTE = 64, 1024
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -125,6 +133,8 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         seed: int = 0,
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        open_shards: int = DEFAULT_OPEN_SHARDS,
+        piece_size: int | None = None,
         fast_jpeg: bool = True,
     ):
         super().__init__()
@@ -136,6 +146,14 @@ class ShardStream(IterableDataset):
             )
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if shuffle_buffer < 0 or open_shards < 1:
+            raise ValueError(
+                f"need shuffle_buffer >= 0 and open_shards >= 1, got {shuffle_buffer}, "
+                f"{open_shards}"
+            )
+        if piece_size is None:
+            remote = is_url(index.location.location) or index.location.location.startswith("pipe:")
+            piece_size = PIECE_REMOTE if remote else PIECE_LOCAL
         self.index = index
         self.batch_size = batch_size
         self.transform = transform if transform is not None else ToTensor()
@@ -144,6 +162,8 @@ class ShardStream(IterableDataset):
         self.world_size = world_size
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
+        self.open_shards = open_shards
+        self.piece_size = piece_size
         self.fast_jpeg = fast_jpeg
         self.epoch = 0
         self._pil_transform, self._tail = _TensorTail.split(self.transform)
@@ -183,7 +203,7 @@ class ShardStream(IterableDataset):
         """``(image, id, label)``, or ``None`` (counted) for a corrupt sample. ``image`` is the
         transform's tensor, or uint8 pixels awaiting the batched ``ToTensor``/``Normalize``."""
         try:
-            data, label = _image_and_label(fields)
+            data, label = _image_field(fields), int(self.index.labels[iid])
             try:
                 image = decode_image(data, self.fast_jpeg)
             except Exception as exc:  # PIL raises many types for bad bytes
@@ -234,7 +254,8 @@ class ShardStream(IterableDataset):
         batch: list[tuple[torch.Tensor, int, int]] = []
         kept: list[tuple[int, dict[str, bytes]]] = []  # the first good samples, for top-up
         emitted = 0
-        for iid, fields in _shuffled(reader.read(segments), self.shuffle_buffer, rng):
+        mixed = reader.read_mixed(segments, rng, self.piece_size, self.open_shards)
+        for iid, fields in _shuffled(mixed, self.shuffle_buffer, rng):
             item = self._prepare(iid, fields, skips)
             if item is None:
                 continue
@@ -365,6 +386,8 @@ def train_loader(
     num_workers: int = 0,
     seed: int = 0,
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    open_shards: int = DEFAULT_OPEN_SHARDS,
+    piece_size: int | None = None,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     fast_jpeg: bool = True,
@@ -381,7 +404,13 @@ def train_loader(
             ``torch.distributed`` needed).
         num_workers: DataLoader worker processes (0 = in this process).
         seed: shuffling seed; with the epoch it fixes the order.
-        shuffle_buffer: samples held (as bytes) by each worker's shuffle buffer.
+        shuffle_buffer: samples held (as bytes) by each worker's shuffle buffer (0: none). It
+            fills completely before the first sample leaves, so the first batches mix too.
+        open_shards: pieces of shards each worker reads at once, drawing every sample from a
+            random one (1: one piece after another).
+        piece_size: samples per piece; default 64 for local shards, 1024 for URLs (a piece
+            costs a seek, a range request remotely); whole segments where shards cannot be
+            entered at an offset (``pipe:`` or an index without offsets).
         pin_memory, prefetch_factor: passed to ``DataLoader``.
         fast_jpeg: see :func:`decode_image`.
     """
@@ -394,6 +423,8 @@ def train_loader(
         world_size=world_size,
         seed=seed,
         shuffle_buffer=shuffle_buffer,
+        open_shards=open_shards,
+        piece_size=piece_size,
         fast_jpeg=fast_jpeg,
     )
     return ShardLoader(stream, num_workers, pin_memory, prefetch_factor)
