@@ -218,23 +218,40 @@ class BatchTransform:
             x = self._augment(x, generator if generator is not None else torch.Generator())
         else:
             x = self._test(x)
+        return self.normalize(x)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """``(x - mean) / std`` of float ``[B, 3, S, S]`` in ``[0, 1]`` (in place)."""
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return x.sub_(mean).div_(std).contiguous()
 
+    def flips(self, batch: int, gen: torch.Generator) -> Tensor:
+        """The mirror draws of a batch, bool ``[B]`` (all false without flips)."""
+        flip = torch.rand(batch, generator=gen) < 0.5
+        return flip if self.flip else flip.zero_()
+
     def _augment(self, x: Tensor, gen: torch.Generator) -> Tensor:
         batch, _, height, width = x.shape
         crops = sample_crops(batch, height, width, self.crop_scale, gen)
-        flip = torch.rand(batch, generator=gen) < 0.5
-        if not self.flip:
-            flip.zero_()
+        flip = self.flips(batch, gen)
         x = resized_crops(x, crops, self.size, flip).clamp_(0, 1)
+        return self.photometric(x, gen)
+
+    def photometric(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """Colour jitter and random grayscale of float ``[B, 3, S, S]`` in ``[0, 1]``."""
+        batch = x.shape[0]
         if any(self.jitter):
             x = color_jitter(x, self.jitter, gen)
         if self.gray_p > 0:
             gray = (torch.rand(batch, generator=gen) < self.gray_p).to(x.device)
             x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
         return x
+
+    def test_view(self, x: Tensor) -> Tensor:
+        """The test geometry of float ``[B, 3, H, W]``: shorter side to ``test_resize``, then
+        a centre ``size`` crop (a resize when smaller). Returns ``[B, 3, S, S]``."""
+        return self._test(x)
 
     def _test(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]

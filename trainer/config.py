@@ -17,6 +17,7 @@ OBJECTIVES = ("auto", "nce", "softmax", "sampled-softmax", "parametric")
 BANKS = ("store", "local")
 ARCHS = ("auto", "small", "small-wide", "resnet18", "resnet50")
 SCHEDULES = ("step", "cosine")
+DECODE_MODES = ("auto", "cpu", "gpu")
 CACHE_MODES = ("auto", "memory", "device", "off")
 NCE_Z_MODES = ("fixed", "ema")
 LAUNCHERS = ("ray", "local")
@@ -116,6 +117,12 @@ class TrainConfig:
     """Worker-group restarts Ray Train performs from the last checkpoint."""
     loader_workers: int = 0
     """DataLoader processes per training worker (streaming path; decoding for the cache)."""
+    decode: str = "auto"
+    """Streaming: where JPEGs are decoded and augmented. cpu: loader processes decode (images
+    of one size are then augmented as batches on the training device, like the decoded
+    cache); gpu: loader processes read bytes, torchvision.io.decode_jpeg decodes batches on
+    the CUDA device and augmentation runs there; auto: gpu when training on CUDA from
+    streamed images of varying size, else cpu."""
     data_label: str = "cls"
     """Where labels come from when --data names existing webdataset shards (indexed once):
     cls, json:FIELD or none."""
@@ -208,6 +215,10 @@ class TrainConfig:
         ):
             raise ConfigError(
                 f"--data-label must be cls, json:FIELD or none, got {self.data_label!r}"
+            )
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(
+                f"--decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}"
             )
         if self.data_cache not in CACHE_MODES:
             raise ConfigError(

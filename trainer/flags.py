@@ -21,6 +21,7 @@ from trainer.config import (
     BANKS,
     BUILTIN,
     CACHE_MODES,
+    DECODE_MODES,
     LAUNCHERS,
     NCE_Z_MODES,
     OBJECTIVES,
@@ -78,6 +79,9 @@ HELP: dict[str, str] = {
     "knn_k": "neighbours k of the kNN vote",
     "max_failures": "worker-group restarts from the last checkpoint",
     "loader_workers": "DataLoader processes per worker (streaming; decoding for the cache)",
+    "decode": "streaming: where JPEGs are decoded and augmented: cpu (loader processes), gpu "
+    "(torchvision decode_jpeg on the CUDA device, augmentation there), auto: gpu on CUDA for "
+    "streamed images of varying size",
     "data_label": "labels of existing webdataset shards named by --data: cls, json:FIELD or none",
     "shuffle_buffer": "streaming: samples each loader process holds to shuffle (0 = none; "
     "memory ~ buffer x file size)",
@@ -102,6 +106,7 @@ _CHOICES = {
     "bank": BANKS,
     "launcher": LAUNCHERS,
     "data_cache": CACHE_MODES,
+    "decode": DECODE_MODES,
     "augment": AUGMENTS,
 }
 _SWITCHES = {"use_gpu", "compile", "resume"}

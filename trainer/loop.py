@@ -33,6 +33,7 @@ from trainer.checkpoints import TrainState, latest_checkpoint, load_checkpoint, 
 from trainer.config import TrainConfig
 from trainer.data import ShardIndex, train_loader
 from trainer.data.cache import load_decoded
+from trainer.data.device_batches import DeviceBatches, resolve_decode
 from trainer.data.memory_loader import CachedLoader
 from trainer.data.order import _mix
 from trainer.evaluation import EvalSetup, Split, evaluate, index_from_export
@@ -226,7 +227,9 @@ def evaluate_knn(w: Worker, recompute: bool = False) -> dict[str, float]:
 
 def train_batches(w: Worker):
     """This rank's training loader: its part of every epoch, train transform, batch
-    ``global batch / world``; from the decoded pixels when held, else the shards."""
+    ``global batch / world``; from the decoded pixels when held, else the shards. Streamed
+    images of one size (and any images with ``--decode gpu``) are augmented on the device
+    by the same batched transform as the decoded cache's."""
     batch = w.cfg.resolved_batch_size // w.world
     if w.train.pixels is not None:
         return CachedLoader(
@@ -239,18 +242,29 @@ def train_batches(w: Worker):
             seed=w.cfg.seed,
             device=w.device,
         )
-    return train_loader(
+    meta = w.train.index.meta
+    fixed = bool(meta.get("image_size_min")) and meta.get("image_size_min") == meta.get(
+        "image_size_max"
+    )
+    decode = resolve_decode(w.cfg.decode, w.device, fixed, cached=False)
+    on_device = decode == "gpu" or fixed  # the in-memory path's batched augmentation
+    loader = train_loader(
         w.train.index,
         batch,
-        build_transform(w.plan.preset, train=True, image_size=w.plan.image_size),
+        None if on_device else build_transform(w.plan.preset, True, w.plan.image_size),
         rank=w.rank,
         world_size=w.world,
         num_workers=w.cfg.loader_workers,
         seed=w.cfg.seed,
         shuffle_buffer=w.cfg.shuffle_buffer,
         open_shards=w.cfg.open_shards,
-        pin_memory=w.device.type == "cuda",
+        pin_memory=w.device.type == "cuda" and not on_device,
+        output=("bytes" if decode == "gpu" else "pixels") if on_device else "tensor",
     )
+    if not on_device:
+        return loader
+    transform = build_batch_transform(w.plan.preset, train=True, image_size=w.plan.image_size)
+    return DeviceBatches(loader, transform, w.device, seed=w.cfg.seed, rank=w.rank)
 
 
 @contextlib.contextmanager

@@ -92,6 +92,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SHUFFLE_BUFFER = 2000
 DEFAULT_OPEN_SHARDS = 16
+OUTPUTS = ("tensor", "pixels", "bytes")
 PIECE_LOCAL, PIECE_REMOTE = 64, 1024
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -136,8 +137,11 @@ class ShardStream(IterableDataset):
         open_shards: int = DEFAULT_OPEN_SHARDS,
         piece_size: int | None = None,
         fast_jpeg: bool = True,
+        output: str = "tensor",
     ):
         super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -165,6 +169,7 @@ class ShardStream(IterableDataset):
         self.open_shards = open_shards
         self.piece_size = piece_size
         self.fast_jpeg = fast_jpeg
+        self.output = output
         self.epoch = 0
         self._pil_transform, self._tail = _TensorTail.split(self.transform)
 
@@ -204,6 +209,8 @@ class ShardStream(IterableDataset):
         transform's tensor, or uint8 pixels awaiting the batched ``ToTensor``/``Normalize``."""
         try:
             data, label = _image_field(fields), int(self.index.labels[iid])
+            if self.output == "bytes":  # decoded (and checked) on the device
+                return data, iid, label
             try:
                 image = decode_image(data, self.fast_jpeg)
             except Exception as exc:  # PIL raises many types for bad bytes
@@ -211,6 +218,8 @@ class ShardStream(IterableDataset):
         except _BadSampleError as exc:
             skips.add(1, f"id {iid}: {exc}", self.index.location.location)
             return None
+        if self.output == "pixels":
+            return np.asarray(image), iid, label
         if self._tail is None:
             return self.transform(image), iid, label
         image = self._pil_transform(image)
@@ -227,6 +236,15 @@ class ShardStream(IterableDataset):
         if not items:
             return torch.empty(0), ids, labels, skipped
         images = [x for x, _, _ in items]
+        if self.output == "bytes":
+            return images, ids, labels, skipped
+        if self.output == "pixels":
+            if len({x.shape for x in images}) == 1:
+                return torch.from_numpy(np.stack(images)), ids, labels, skipped
+            raise ValueError(
+                f"images of one batch differ in shape {sorted({x.shape for x in images})}: "
+                f"output='pixels' needs images of one size (use output='bytes')"
+            )
         try:
             if self._tail is not None and all(isinstance(x, np.ndarray) for x in images):
                 return self._tail(images), ids, labels, skipped
@@ -391,6 +409,7 @@ def train_loader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     fast_jpeg: bool = True,
+    output: str = "tensor",
 ) -> ShardLoader:
     """Shuffled training batches; every rank yields exactly :func:`steps_per_epoch` full
     batches of ``batch_size`` per epoch (see the module docstring).
@@ -413,12 +432,16 @@ def train_loader(
             entered at an offset (``pipe:`` or an index without offsets).
         pin_memory, prefetch_factor: passed to ``DataLoader``.
         fast_jpeg: see :func:`decode_image`.
+        output: ``"tensor"``: images through ``transform``; ``"pixels"``: decoded uint8
+            ``[B, H, W, 3]`` (images of one size); ``"bytes"``: a list of the encoded image
+            files (for :class:`trainer.data.device_batches.DeviceBatches`).
     """
     stream = ShardStream(
         load_index(dataset),
         batch_size=batch_size,
         transform=transform,
         train=True,
+        output=output,
         rank=rank,
         world_size=world_size,
         seed=seed,
