@@ -7,6 +7,8 @@
 # (a) benchmarks/device_smoke.py: the bank's three objectives, a shard's statistics, the
 #     torch kNN search and bf16 + channels_last + fused-SGD ResNet-18 steps on the device,
 #     each against the CPU -> OUTDIR/smoke.json.
+# (a2) benchmarks/bench_decode.py: JPEG decode + augment img/s, CPU against the GPU's batched
+#     decode_jpeg -> OUTDIR/decode.json (at most 90 s).
 # (b) NPID with the exact softmax through `trainer.run --launcher local` (no Ray): CIFAR-10,
 #     ResNet-18 with the CIFAR stem, tau 0.07, m 0.5, batch 256, lr 0.06 cosine (the paper's
 #     recipe at twice its batch, compressed to the epochs that fit TRAIN_SECONDS, measured
@@ -65,6 +67,13 @@ timeout 240 $PY benchmarks/device_smoke.py --device "$DEVICE" "${SMALL[@]}" \
 smoke_rc=$?
 grep -E "^device_smoke: (ok|FAIL)" "$OUT/smoke.log" | tee -a "$OUT/device_check.log"
 log "smoke exit $smoke_rc"
+
+# ---- (a2) JPEG decode + augment: the CPU paths and the GPU path (--decode gpu)
+DECODE_IMAGES=2000
+[ "$SMOKE" = 1 ] && DECODE_IMAGES=64
+timeout 90 $PY -m benchmarks.bench_decode --images "$DECODE_IMAGES" --repeats 3 \
+  --json "$OUT/decode.json" >"$OUT/decode.log" 2>&1 || log "bench_decode failed (see decode.log)"
+grep -E "^(pil|cpu-batched|gpu) " "$OUT/decode.log" | tee -a "$OUT/device_check.log"
 
 # ---- (b) training through the local launcher
 if [ "$SMOKE" = 1 ]; then

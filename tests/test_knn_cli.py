@@ -48,7 +48,9 @@ def make_tiny_data(root: Path, per_class: dict[str, int] | None = None, seed: in
                 noise = rng.normal(0, 70, (16, 16, 3))
                 pixels = np.clip(128 + tints[c] + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i:03d}.png")
-        make_shards(root / "src" / split, root / split, shard_size=7, progress=False)
+        make_shards(
+            root / "src" / split, root / split, shard_size=7, order="sorted", progress=False
+        )
     return root
 
 

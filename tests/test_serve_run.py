@@ -48,7 +48,7 @@ def _train(data: Path, name: str, *extra: str) -> Path:
 def data(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("serve-run")
     colour_class_folder(tmp / "src", N, seed=0)
-    make_shards(tmp / "src", tmp / "shards", shard_size=20, progress=False)
+    make_shards(tmp / "src", tmp / "shards", shard_size=20, order="sorted", progress=False)
     return tmp
 
 

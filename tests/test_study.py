@@ -55,7 +55,7 @@ def test_a_fraction_outside_0_1_is_refused(fraction) -> None:
 def test_a_subset_is_written_as_shards_of_the_sampled_images(tmp_path) -> None:
     digits = ensure_builtin_dataset(split="train", name="digits")
     source = subset_source(str(digits), 0.1, seed=3)
-    make_shards(source, tmp_path / "subset", progress=False)
+    make_shards(source, tmp_path / "subset", order="sorted", progress=False)
     original, subset = ShardIndex.load(str(digits)), ShardIndex.load(str(tmp_path / "subset"))
     ids = sample_ids(np.asarray(original.labels), 0.1, 3)
     assert subset.num_instances == len(ids) and subset.classes == original.classes

@@ -154,7 +154,13 @@ def subset_data(train: str, fraction: float, seed: int, root: Path) -> str:
 
     out = root / f"fraction-{fraction:g}-seed-{seed}"
     if not (out / "dataset.json").is_file():
-        make_shards(subset_source(train, fraction, seed), out, overwrite=True, progress=False)
+        make_shards(
+            subset_source(train, fraction, seed),
+            out,
+            overwrite=True,
+            order="sorted",
+            progress=False,
+        )  # ids in the sampled order
     return str(out)
 
 

@@ -23,9 +23,10 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.augment import BatchTransform, resized_crops, sample_crops
+from trainer.augment import BatchTransform, sample_crops
 from trainer.data.decode import decode_image
 from trainer.data.order import _SALT_AUGMENT, _mix
 from trainer.data.stream import ShardLoader
@@ -90,8 +91,10 @@ def augment_images(
 
     Images of one size are stacked and go through ``transform`` as a batch (bit for bit the
     in-memory path). Otherwise each is cropped (training: its own random-resized crop drawn
-    from ``gen``; test: resize and centre crop) to ``S x S``, then the batch is flipped,
-    jittered and normalised together.
+    from ``gen``, only the crop converted to float and resized, antialiased as PIL does;
+    test: resize and centre crop) to ``S x S``, then the batch is jittered and normalised
+    together. Crop parameters come from the CPU generator, so this syncs once per image on
+    CUDA only for the crop's slice bounds (host values, no device read).
     """
     if len({tuple(x.shape) for x in images}) == 1:
         return transform(torch.stack(list(images)).permute(0, 2, 3, 1), gen)
@@ -99,11 +102,14 @@ def augment_images(
         views = [transform.test_view(x.unsqueeze(0).float().div_(255)) for x in images]
         return transform.normalize(torch.cat(views).clamp_(0, 1))
     crops = [sample_crops(1, x.shape[1], x.shape[2], transform.crop_scale, gen) for x in images]
-    flip = transform.flips(len(images), gen)
-    views = [
-        resized_crops(x.unsqueeze(0).float().div_(255), c, transform.size, flip[b : b + 1])
-        for b, (x, c) in enumerate(zip(images, crops, strict=True))
-    ]
+    flip = transform.flips(len(images), gen).tolist()
+    size = transform.size
+    views = []
+    for x, c, mirror in zip(images, crops, flip, strict=True):
+        t, left, h, w = int(c.top), int(c.left), int(c.height), int(c.width)
+        patch = x[None, :, t : t + h, left : left + w].float().div_(255)  # only the crop
+        view = F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True)
+        views.append(view.flip(-1) if mirror else view)
     x = torch.cat(views).clamp_(0, 1)
     return transform.normalize(transform.photometric(x, gen))
 
