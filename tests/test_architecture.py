@@ -23,8 +23,6 @@ TOO_LONG = {
     "featurestore/knn/index.py",
     "trainer/loop.py",
     "trainer/models.py",
-    "trainer/data/stream.py",
-    "trainer/make_shards.py",
     "knn_service/http_app.py",
 }
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from trainer import make_shards as ms
+from trainer import tar_writer
 from trainer.data.sources import SourceError
 from trainer.make_shards import OutputExistsError, ensure_builtin_dataset, make_shards
 
@@ -233,8 +233,8 @@ def test_failed_run_leaves_no_partial_output(
             raise RuntimeError("disk on fire")
         return original(self, *args)
 
-    original = ms._ShardWriter.write
-    monkeypatch.setattr(ms._ShardWriter, "write", failing_write)
+    original = tar_writer.ShardFileWriter.write
+    monkeypatch.setattr(tar_writer.ShardFileWriter, "write", failing_write)
     with pytest.raises(RuntimeError):
         make_shards(image_folder, out, shard_size=1, overwrite=True)
     assert _snapshot(out) == before  # old output untouched, no temp files

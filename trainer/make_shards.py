@@ -41,69 +41,49 @@ from __future__ import annotations
 
 import argparse
 import errno
-import io
 import json
 import logging
 import math
 import os
-import re
-import resource
 import shutil
 import sys
-import tarfile
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
 from tqdm import tqdm
 
-from featurestore.files import make_temp_dir, write_atomic
+from featurestore.files import make_temp_dir
 from trainer.data.sources import (
     BUILTIN_DATASETS,
     BUILTIN_PREFIX,
     SPLITS,
-    Record,
     Source,
     SourceError,
     open_source,
 )
+from trainer.tar_writer import (
+    FORMAT_VERSION,
+    INDEX_SCHEMA,
+    MIN_KEY_WIDTH,
+    ORDERS,
+    PARTIAL_SUFFIX,
+    SHARD_GLOB,
+    SHARD_NAME,
+    ShardFileWriter,
+    ensure_open_files,
+    existing_output,
+    load_verified,
+    ordered_map,
+    write_outputs,
+)
+from trainer.tar_writer import verify_image as verify_image  # public here before the split
 
 logger = logging.getLogger(__name__)
 
-#: How PIL names the in-memory file in its messages (``<_io.BytesIO object at 0x…>``).
-_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
-
 DEFAULT_SHARD_SIZE = 5000
-SHARD_NAME = "shard-{:06d}.tar"
-SHARD_GLOB = "shard-*.tar"
-PARTIAL_SUFFIX = ".partial"
-MIN_KEY_WIDTH = 9
-FORMAT_VERSION = 2  # 2: ids in a seeded random order by default; offset column
-ORDERS = ("random", "sorted")
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "npid" / "data"
-INDEX_SCHEMA = pa.schema(
-    [
-        ("id", pa.int64()),
-        ("label", pa.int32()),
-        ("key", pa.string()),
-        ("shard", pa.string()),
-        ("offset", pa.int64()),
-        ("source", pa.string()),
-    ]
-)
-
 _SALT_ORDER = 0x5EED04
-
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
 class OutputExistsError(ValueError):
@@ -129,128 +109,6 @@ class ShardSummary:
     shards: tuple[str, ...]
     shard_counts: tuple[int, ...]
     classes: tuple[str, ...]
-
-
-# --------------------------------------------------------------------------- tar writing
-
-
-def _tar_member(name: str, data: bytes) -> bytes:
-    """One ustar member: header + data + zero padding to a 512-byte boundary.
-
-    Metadata is fixed (mtime 0, mode 0444, no owner) so identical inputs give identical shards.
-    """
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o444
-    header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-    return header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
-
-
-class _ShardWriter:
-    """Appends samples to one ``.partial`` tar file; ``close`` writes the end-of-archive."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.count = 0
-        self._size = 0
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-
-    def write(self, key: str, ext: str, image: bytes, label: int) -> int:
-        """Append one sample; returns the byte offset of its first header."""
-        chunk = _tar_member(f"{key}.{ext}", image) + _tar_member(f"{key}.cls", b"%d" % label)
-        offset = self._size
-        self._file.write(chunk)
-        self._size += len(chunk)
-        self.count += 1
-        return offset
-
-    def close(self) -> None:
-        if self._file.closed:
-            return
-        # Two zero blocks end the archive; pad to a whole 10240-byte record like tar(1).
-        end = 2 * tarfile.BLOCKSIZE
-        end += -(self._size + end) % tarfile.RECORDSIZE
-        self._file.write(b"\0" * end)
-        self._file.close()
-
-
-# --------------------------------------------------------------------------- verification
-
-
-def _ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], threads: int) -> Iterator[_R]:
-    """``map(fn, items)`` on a thread pool, in input order, with a bounded window in flight."""
-    window = 4 * threads
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="make_shards") as pool:
-        pending: deque[Future[_R]] = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for fut in pending:
-                fut.cancel()
-
-
-def verify_image(data: bytes) -> tuple[tuple[int, int] | None, str | None]:
-    """Fully decode ``data`` with PIL.
-
-    Returns:
-        ``((width, height), None)`` when it decodes, else ``(None, reason)`` (one line).
-    """
-    if not data:
-        return None, "empty file"
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.size, None
-    except Image.UnidentifiedImageError:
-        return None, "not an image PIL can read (unknown or damaged format)"
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        text = _BUFFER_REPR.sub("the image", f"{type(exc).__name__}: {exc}")
-        return None, " ".join(text.split())
-
-
-def _load_verified(source: Source) -> Callable[[Record], tuple[bytes | None, Any]]:
-    """``record -> (bytes, (width, height))`` for an image that decodes, else
-    ``(None, reason)``."""
-
-    def load(record: Record) -> tuple[bytes | None, Any]:
-        try:
-            data = source.read(record)
-        except OSError as exc:
-            return None, " ".join(f"unreadable: {exc}".split())
-        size, reason = verify_image(data)
-        return (None, reason) if size is None else (data, size)
-
-    return load
-
-
-# --------------------------------------------------------------------------- output files
-
-
-def _existing_output(out: Path) -> list[Path]:
-    """Files in ``out`` that mark a previous conversion."""
-    if not out.is_dir():
-        return []
-    marks = [out / "index.parquet", out / "dataset.json"]
-    return sorted(out.glob(SHARD_GLOB)) + [p for p in marks if p.exists()]
-
-
-def _ensure_open_files(n: int) -> None:
-    """Raise the soft open-file limit when ``n`` shards must be open at once."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = n + 256
-    if soft != resource.RLIM_INFINITY and soft < need:
-        if hard != resource.RLIM_INFINITY and hard < need:
-            raise ValueError(
-                f"{n} shards would be open at once but the open-file limit is {hard}; "
-                f"use a larger --shard-size"
-            )
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 # --------------------------------------------------------------------------- conversion
@@ -302,7 +160,7 @@ def make_shards(
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a directory")
     source = src if isinstance(src, Source) else open_source(src, split, exclude=[out])
-    previous = _existing_output(out)
+    previous = existing_output(out)
     if previous and not overwrite:
         raise OutputExistsError(
             f"output {out} already holds shards ({previous[0].name}, ...); "
@@ -319,15 +177,15 @@ def make_shards(
     num_shards = math.ceil(len(records) / shard_size)
     key_width = max(MIN_KEY_WIDTH, len(str(len(records) - 1)))
     threads = num_threads or min(8, os.cpu_count() or 1)
-    _ensure_open_files(num_shards)
+    ensure_open_files(num_shards)
 
     names = [SHARD_NAME.format(s) for s in range(num_shards)]
-    writers: list[_ShardWriter] = []
+    writers: list[ShardFileWriter] = []
     rows: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
     skipped: list[tuple[str, str]] = list(source.ignored)  # files the scan did not take
     sides = (sys.maxsize, 0)  # smallest and largest image side seen
     try:
-        writers = [_ShardWriter(out / f".{name}{PARTIAL_SUFFIX}") for name in names]
+        writers = [ShardFileWriter(out / f".{name}{PARTIAL_SUFFIX}") for name in names]
         bar = tqdm(
             total=len(records),
             desc="make_shards",
@@ -336,7 +194,7 @@ def make_shards(
             disable=(not sys.stderr.isatty()) if progress is None else not progress,
         )
         with bar:
-            verified = _ordered_map(_load_verified(source), records, threads)
+            verified = ordered_map(load_verified(source), records, threads)
             for record, (data, info) in zip(records, verified, strict=True):
                 bar.update(1)
                 if data is None:
@@ -367,7 +225,7 @@ def make_shards(
             os.replace(writers[i].path, out / names[i])
         shards = tuple(names[i] for i in kept)
         counts = tuple(writers[i].count for i in kept)
-        _write_outputs(out, source, rows, skipped, shards, counts, key_width, sides, order, seed)
+        write_outputs(out, source, rows, skipped, shards, counts, key_width, sides, order, seed)
     finally:
         for w in writers:
             w.close()
@@ -406,46 +264,6 @@ def make_shards(
             unlabelled,
         )
     return summary
-
-
-def _write_outputs(
-    out: Path,
-    source: Source,
-    rows: dict[str, list],
-    skipped: list[tuple[str, str]],
-    shards: tuple[str, ...],
-    counts: tuple[int, ...],
-    key_width: int,
-    sides: tuple[int, int],
-    order: str,
-    seed: int,
-) -> None:
-    """index.parquet, skipped.txt, then dataset.json (last: it marks completion)."""
-    table = pa.table(rows, schema=INDEX_SCHEMA)
-    write_atomic(out / "index.parquet", lambda p: pq.write_table(table, p), PARTIAL_SUFFIX)
-    lines = "".join(f"{path}\t{reason}\n" for path, reason in skipped)
-    write_atomic(out / "skipped.txt", lambda p: p.write_text(lines, "utf-8"), PARTIAL_SUFFIX)
-    meta = {
-        "format": "npid-webdataset",
-        "format_version": FORMAT_VERSION,
-        "num_instances": len(rows["id"]),
-        "classes": list(source.classes),
-        "num_classes": len(source.classes),
-        "source": source.location,
-        "source_type": source.kind,
-        "split": source.split,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "num_skipped": len(skipped) - len(source.ignored),
-        "key_width": key_width,
-        "order": order,
-        "order_seed": seed if order == "random" else None,
-        "image_size_min": sides[0],
-        "image_size_max": sides[1],
-        "shards": list(shards),
-        "shard_counts": list(counts),
-    }
-    text = json.dumps(meta, indent=2) + "\n"
-    write_atomic(out / "dataset.json", lambda p: p.write_text(text, "utf-8"), PARTIAL_SUFFIX)
 
 
 def ensure_builtin_dataset(

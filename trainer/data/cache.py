@@ -31,7 +31,7 @@ import torch
 
 from featurestore.files import is_url, make_temp_dir
 from trainer.data.index import ShardIndex
-from trainer.data.stream import eval_loader
+from trainer.data.loaders import eval_loader
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from trainer.augment import BatchTransform, sample_crops
 from trainer.data.decode import decode_image
+from trainer.data.loaders import ShardLoader
 from trainer.data.order import _SALT_AUGMENT, _mix
-from trainer.data.stream import ShardLoader
 
 try:
     from torchvision.io import ImageReadMode

@@ -1,6 +1,6 @@
 """Batches from a decoded dataset: a full random permutation per epoch, augmented in batches.
 
-:class:`CachedLoader` is the in-memory twin of :class:`trainer.data.ShardLoader` (same
+:class:`CachedLoader` is the in-memory twin of :class:`trainer.data.loaders.ShardLoader` (same
 interface: ``set_epoch``, ``len``, iteration over ``(images, ids, labels)``,
 ``epoch_skipped``) for datasets held as uint8 pixels (:mod:`trainer.data.cache`):
 
