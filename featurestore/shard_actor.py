@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import sys
 import threading
 import time
 import uuid
@@ -223,12 +224,17 @@ def _was_reconstructed() -> bool:
 
 
 def _memory(rows: Tensor) -> dict[str, int]:
-    """Bytes of the shard's rows, of its process (RSS) and, on a GPU, allocated there."""
+    """Bytes of the shard's rows, of its process (RSS now and its peak) and, on a GPU,
+    allocated there."""
+    import resource
+
     import psutil
 
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     found = {
         "rows_bytes": rows.numel() * rows.element_size(),
         "process_rss_bytes": psutil.Process().memory_info().rss,
+        "process_peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024,
     }
     if rows.is_cuda:
         found["cuda_allocated_bytes"] = torch.cuda.memory_allocated(rows.device)

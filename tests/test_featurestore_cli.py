@@ -49,7 +49,9 @@ def test_start_status_train_snapshot_restore_stop(head, tmp_path) -> None:
     started = _store(env, "start", "--name", "bank", "--rows", str(N), "--dim", "16",
                      "--snapshot-dir", str(snaps))  # fmt: skip
     assert started["num_rows"] == N and started["steps"] == 0 and started["num_shards"] == 1
-    assert started["shards"][0]["memory"]["rows_bytes"] == N * 16 * 4
+    memory = started["shards"][0]["memory"]
+    assert memory["rows_bytes"] == N * 16 * 4
+    assert memory["process_peak_rss_bytes"] >= memory["process_rss_bytes"] > memory["rows_bytes"]
     taken = _cli(env, "-m", "featurestore", "start", "--name", "bank", "--rows", str(N))
     assert taken.returncode == 2 and "is running" in taken.stderr
 
