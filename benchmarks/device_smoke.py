@@ -69,14 +69,17 @@ def check_bank(device: torch.device, rows: int, batch: int, k: int) -> list[dict
             ids = torch.randperm(rows, generator=gen)[:batch]
             ref = banks[0].step(feats, ids, objective)
             got = banks[1].step(feats.to(device), ids.to(device), objective)
-            worst = max(worst, abs(float(ref.loss) - float(got.loss)) / max(1.0, abs(ref.loss)))
+            # float() first: a 0-d tensor here made ``worst`` a tensor that JSON cannot write
+            ref_loss, got_loss = float(ref.loss), float(got.loss)
+            worst = max(worst, abs(ref_loss - got_loss) / max(1.0, abs(ref_loss)))
             worst = max(worst, _close(ref.grad, got.grad, 1e-4))
         worst = max(worst, _close(banks[0].rows, banks[1].rows, 1e-4))
         if banks[0].z is not None:
-            worst = max(worst, abs(banks[0].z - banks[1].z) / banks[0].z)
+            z_ref, z_got = float(banks[0].z), float(banks[1].z)
+            worst = max(worst, abs(z_ref - z_got) / z_ref)
         if worst > 1e-4:
             raise AssertionError(f"{name}: relative loss / Z difference {worst:.3g} > 1e-4")
-        out.append({"check": f"bank-{name}", "ok": True, "max_diff": worst})
+        out.append({"check": f"bank-{name}", "ok": True, "max_diff": float(worst)})
     return out
 
 
