@@ -10,10 +10,24 @@ from typing import NoReturn
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line on stderr and exit 2."""
+    """An ``ArgumentParser`` whose errors are one line on stderr (the error and a pointer
+    to ``--help``, not the usage) and exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}\n")
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that ends each option with ``(default: X)`` unless the text already names its
+    default or there is none to show (``None``, ``False``, a required option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        hidden = action.default is None or action.default is False
+        shown = not hidden and action.default is not argparse.SUPPRESS and not action.required
+        if shown and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 def number_type(

@@ -28,7 +28,7 @@ import logging
 import sys
 from typing import Any
 
-from featurestore.argtypes import OneLineParser
+from featurestore.argtypes import DefaultsHelpFormatter, OneLineParser
 
 PROG = "python -m featurestore"
 DEFAULT_NAMESPACE = "npid"  # featurestore.store_transport.DEFAULT_NAMESPACE (no Ray import)
@@ -67,14 +67,14 @@ def parser() -> argparse.ArgumentParser:
         "Ray cluster (RAY_ADDRESS, or the local `ray start --head` cluster).",
         epilog="A cluster with token authentication (a plain `ray start --head`) needs the "
         "head's RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<token> in every client's environment.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name, help=help_text, description=help_text,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=DefaultsHelpFormatter,
         )  # fmt: skip
         sub.error = p.error  # type: ignore[method-assign]  # one line, exit 2
         sub.add_argument("--name", required=True, help="the store's name")

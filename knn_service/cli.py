@@ -11,12 +11,13 @@ import math
 import sys
 from collections.abc import Callable
 
-from featurestore.argtypes import OneLineParser, number_type
+from featurestore.argtypes import DefaultsHelpFormatter, OneLineParser, number_type
 
 #: Largest request body the HTTP service accepts unless --max-body-bytes says otherwise.
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 __all__ = [
+    "DefaultsHelpFormatter",
     "OneLineParser",
     "UsageError",
     "non_negative_float",

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 from knn_service.cli import (
     DEFAULT_MAX_BODY_BYTES,
+    DefaultsHelpFormatter,
     OneLineParser,
     UsageError,
     non_negative_float,
@@ -65,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=PROG,
         description="HTTP kNN queries over the feature store's bank.",
+        formatter_class=DefaultsHelpFormatter,
         epilog=f"Authentication: set {TOKEN_ENV} to require 'Authorization: Bearer <token>' "
         "on every route but /healthz (unset or empty: no token).",
     )
@@ -88,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
         help="exported encoder, training checkpoint or run dir (image queries; default with "
         "--run: the run's encoder)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback)")
     p.add_argument("--port", type=port_number, default=8000, help="port (0: any free port)")
     p.add_argument(
         "--refresh-seconds",

@@ -24,12 +24,13 @@ def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.parametrize("value", ["0", "-4"])
 @pytest.mark.parametrize("flag", ["--epochs", "--batch-size"])
-def test_zero_epochs_or_batch_size_is_one_line_and_exit_2(flag):
-    result = _cli("-m", "trainer.run", flag, "0")
+def test_zero_or_negative_epochs_or_batch_size_is_one_line_and_exit_2(flag, value):
+    result = _cli("-m", "trainer.run", flag, value)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        f"error: {flag} must be >= 1 (leave it out for the dataset's default)"
+        f"error: {flag} must be >= 1, got {value} (leave it out for the dataset's default)"
     )
 
 

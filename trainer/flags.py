@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from featurestore.argtypes import OneLineParser
 from trainer.config import (
     ARCHS,
     AUGMENTS,
@@ -122,7 +123,7 @@ def _help(name: str, default: Any) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI parser; every default is None so that the YAML file can fill it."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m trainer.run",
         description="Train an image encoder by non-parametric instance discrimination.",
     )
@@ -162,9 +163,12 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
     values.update({k: v for k, v in args.items() if v is not None})
     for name in _ZERO_IS_AUTO:
-        if values.get(name) == 0:
+        value = values.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} must be >= 1 (leave it out for the dataset's default)")
+            raise ConfigError(
+                f"{flag} must be >= 1, got {value} (leave it out for the dataset's default)"
+            )
     try:
         return TrainConfig.from_dict(values)
     except TypeError as exc:

@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from featurestore.argtypes import OneLineParser
 from featurestore.files import make_temp_dir
 from trainer.data.sources import (
     BUILTIN_DATASETS,
@@ -320,7 +321,7 @@ def _is_complete(path: Path) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m trainer.make_shards",
         description="Convert one split of an image dataset into webdataset shards.",
     )

@@ -84,6 +84,22 @@ def _absolute(location: str) -> str:
     return location if is_url(location) else os.path.abspath(location)
 
 
+def _writable_dir(location: str, flag: str) -> str:
+    """``location`` made absolute, created if missing and checked writable, or a
+    :class:`ConfigError` naming ``flag`` and the reason (an impossible or read-only path)."""
+    path = os.path.abspath(location)
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".npid-write-test-{uuid.uuid4().hex[:8]}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{flag} {location}: cannot write there ({reason})") from None
+    return path
+
+
 def _load_index(location: str, flag: str, label: str = "cls") -> ShardIndex:
     if names_shards(location):  # existing webdataset shards: index them once
         try:
@@ -233,7 +249,7 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
     num_classes = ShardIndex.classes_of(train_index, val_index)
     preset = train_index.preset if cfg.augment == "auto" else cfg.augment
     objective = resolve_objective(cfg, train_index.num_instances)
-    output = os.path.abspath(cfg.output)
+    output = _writable_dir(cfg.output, "--output")
     resume_from = None
     if cfg.resume:
         roots = [output, *([cfg.storage_path] if cfg.storage_path else [])]

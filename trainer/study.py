@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featurestore.argtypes import OneLineParser
+from featurestore.argtypes import DefaultsHelpFormatter, OneLineParser
 from trainer.config import TrainConfig
 
 logger = logging.getLogger("trainer.study")
@@ -79,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Run one of the paper's studies as Ray Tune trials of trainer.run.",
         epilog="Flags after `--` go to every trial's trainer.run (e.g. -- --arch resnet18).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("study", choices=sorted(STUDIES), help="what to vary")
     p.add_argument("--data", default="digits", help="training shards (or the built-in name)")

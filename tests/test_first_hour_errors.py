@@ -1,0 +1,66 @@
+"""The error paths a new user met in the first hour (issue 26): one line naming the input and
+exit 2, never a traceback or 30 lines of usage; help that shows each default once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [("/proc/npid-nope", "No such file or directory"), ("FILE/sub", "Not a directory")],
+)
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, where, reason):
+    afile = tmp_path / "a-file"
+    afile.write_text("not a directory")
+    where = where.replace("FILE", str(afile))
+    result = _cli("-m", "trainer.run", "--output", where, "--launcher", "local", "--epochs", "1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == f"error: --output {where}: cannot write there ({reason})"
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "needle"),
+    [
+        ("trainer.run", ["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+        ("trainer.run", ["--bogus"], "unrecognized arguments: --bogus"),
+        ("trainer.make_shards", [], "the following arguments are required: src, out"),
+        ("knn_service.serve", ["--run", "r", "--port", "x"], "--port"),
+        ("featurestore", ["start"], "--name"),
+    ],
+)
+def test_a_usage_error_is_one_line_with_a_pointer_to_help(module, args, needle):
+    result = _cli("-m", module, *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert lines[0].endswith("--help)"), lines[0]
+
+
+def test_help_shows_each_default_once_and_none_for_required_or_unset_options():
+    start = " ".join(_cli("-m", "featurestore", "start", "--help").stdout.split())
+    assert "(default: None)" not in start
+    options = start.split("options:")[1].split(" --")
+    assert all(text.count("default") <= 1 for text in options), options
+    assert "--name NAME the store's name --namespace" in start
+    assert "--seed SEED seed of the initial rows (default: 0)" in start
+    serve = " ".join(_cli("-m", "knn_service.serve", "--help").stdout.split())
+    for expected in ("port (0: any free port) (default: 8000)",
+                     "largest k per query (default: 1000)",
+                     "body limit (default: 8388608)",
+                     "/refresh) (default: 0.0)"):  # fmt: skip
+        assert expected in serve
+    shards = " ".join(_cli("-m", "trainer.make_shards", "--help").stdout.split())
+    assert "decode-verification threads (default min(8, cores))" in shards
