@@ -4,9 +4,11 @@ instance that listens on loopback only.
 # Ray: the one place npid calls ``ray.init``.
 
 - ``RAY_ADDRESS`` set (``ray job submit`` sets it; so does a user joining a cluster): join
-  that cluster, unchanged. Before Ray's own connect (which retries for about 20 s and ends
-  in a traceback) two quick checks turn the common mistakes into one line: nothing answers
-  at the address, or the cluster wants token authentication and this client has no token.
+  that cluster (on a loopback address as a loopback client: Ray would otherwise dial the
+  GCS at the host's own IP, where a loopback head does not listen, and hang). Before
+  Ray's own connect (which retries for about 20 s and ends in a traceback) two quick
+  checks turn the common mistakes into one line: nothing answers at the address, or the
+  cluster wants token authentication and this client has no token.
 - Otherwise, where a command may start Ray (``trainer.run``, a new ``ShardedStore``): a
   new local instance (never a stray one found on this machine) whose every process (GCS,
   raylet, workers, agents, dashboard) binds 127.0.0.1, because an unauthenticated Ray on
@@ -75,6 +77,16 @@ def _host_port(address: str) -> tuple[str, int] | None:
     if not sep or not port.isdigit():
         return None
     return host.strip("[]"), int(port)
+
+
+def is_loopback(address: str) -> bool:
+    """True when ``address`` (``host:port``, optionally ``ray://``) names this machine's
+    loopback interface: 127.0.0.0/8, ``localhost`` or ``::1``."""
+    parsed = _host_port(address.removeprefix("ray://"))
+    if parsed is None:
+        return False
+    host = parsed[0].lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def check_reachable(address: str, timeout_s: float = 3.0, what: str | None = None) -> None:
@@ -179,6 +191,8 @@ def connect(*, start_local: bool, **init_kwargs: Any) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS") or None
     if address is not None and address != "auto":
+        if is_loopback(address):  # else Ray dials the host's own IP, where no one listens
+            loopback_only()
         if not address.startswith("ray://"):
             check_reachable(address)
             check_token(address)
@@ -212,6 +226,7 @@ __all__ = [
     "check_reachable",
     "check_token",
     "connect",
+    "is_loopback",
     "local_cluster_address",
     "loopback_only",
     "started_on_loopback",

@@ -97,6 +97,18 @@ def test_a_client_without_the_cluster_or_its_token_gets_one_line_at_once(
     assert time.monotonic() - start < 15  # Ray alone retries for 20 s, then a traceback
 
 
+def test_a_client_without_the_loopback_switch_reaches_a_loopback_head(head) -> None:
+    """The head listens on 127.0.0.1 only; a client shell without
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 used to dial the host's IP and hang past 180 s."""
+    env = {k: v for k, v in head.env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    start = time.monotonic()
+    result = _cli(env, "-m", "featurestore", "status", "--name", "x", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "no feature store named 'x'" in result.stderr
+    assert time.monotonic() - start < 30
+
+
 def test_help_loads_neither_torch_nor_ray() -> None:
     code = "import sys, featurestore.cli; print([m for m in ('torch', 'ray') if m in sys.modules])"
     assert _cli(dict(os.environ), "-c", code).stdout.strip() == "[]"

@@ -68,3 +68,23 @@ def test_a_default_run_listens_on_loopback_only(tmp_path):
     assert not exposed, f"listening beyond loopback: {exposed}"
     errors = [line for line in out.splitlines() if re.search(r"\d E \d+ \d+\]|\bERROR\b", line)]
     assert not errors, errors  # a default run logs no error-level line
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("127.0.0.1:6379", True),
+        ("127.1.2.3:10001", True),
+        ("localhost:6379", True),
+        ("[::1]:6379", True),
+        ("ray://127.0.0.1:10001", True),
+        ("192.0.2.2:6379", False),
+        ("head.example:6379", False),
+        ("auto", False),
+        ("127.0.0.1", False),  # no port: left to Ray
+    ],
+)
+def test_is_loopback_names_only_this_machines_loopback(address, expected) -> None:
+    from featurestore.ray_connect import is_loopback
+
+    assert is_loopback(address) is expected
