@@ -17,6 +17,7 @@ store's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import threading
@@ -240,8 +241,22 @@ class ShardGroup:
         return {s: self.submit(s, op, args) for s, args in calls.items()}
 
     def collect(self, op: str, refs: dict[int, Any], calls: dict[int, tuple]) -> dict[int, Any]:
-        """The payloads of calls started by :meth:`submit_all` (retried while restarting)."""
-        return {s: self.await_reply(s, op, ref, calls[s]) for s, ref in refs.items()}
+        """The payloads of calls started by :meth:`submit_all` (retried while restarting).
+
+        When one shard's call fails, the others' replies are still awaited (and their
+        errors dropped) before the first error is raised: an error nobody fetched is
+        printed by Ray as an "Unhandled error" traceback when its ref is collected."""
+        replies: dict[int, Any] = {}
+        try:
+            for s, ref in refs.items():
+                replies[s] = self.await_reply(s, op, ref, calls[s])
+        except BaseException:
+            for s, ref in refs.items():
+                if s not in replies:
+                    with contextlib.suppress(Exception):
+                        ray.get(ref)
+            raise
+        return replies
 
     def call(self, op: str, calls: dict[int, tuple]) -> dict[int, Any]:
         """Call ``op`` on several shards at once (all in flight), then collect in order."""

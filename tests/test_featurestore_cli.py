@@ -109,6 +109,20 @@ def test_a_client_without_the_loopback_switch_reaches_a_loopback_head(head) -> N
     assert time.monotonic() - start < 30
 
 
+def test_a_snapshot_that_cannot_be_written_is_one_line_and_keeps_the_store(head) -> None:
+    env = head.env
+    _store(env, "start", "--name", "snapfail", "--rows", str(N), "--dim", "8", "--shards", "2")
+    try:
+        result = _cli(env, "-m", "featurestore", "snapshot", "--name", "snapfail", "--to",
+                      "/proc/nope")  # fmt: skip
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1, result.stderr  # no Ray "Unhandled error"
+        assert "snapshot of snapfail" in result.stderr and "/proc/nope" in result.stderr
+        assert _store(env, "status", "--name", "snapfail")["num_rows"] == N
+    finally:
+        _store(env, "stop", "--name", "snapfail")
+
+
 def test_help_loads_neither_torch_nor_ray() -> None:
     code = "import sys, featurestore.cli; print([m for m in ('torch', 'ray') if m in sys.modules])"
     assert _cli(dict(os.environ), "-c", code).stdout.strip() == "[]"
