@@ -64,3 +64,15 @@ def test_help_shows_each_default_once_and_none_for_required_or_unset_options():
         assert expected in serve
     shards = " ".join(_cli("-m", "trainer.make_shards", "--help").stdout.split())
     assert "decode-verification threads (default min(8, cores))" in shards
+
+
+def test_a_folder_of_images_as_data_is_told_to_write_shards_beside_it(tmp_path):
+    images = tmp_path / "photos"
+    (images / "cat").mkdir(parents=True)
+    (images / "cat" / "0.jpg").write_bytes(b"\xff\xd8")
+    result = _cli("-m", "trainer.run", "--data", str(images), "--output", str(tmp_path / "o"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip()
+    assert line.count("\n") == 0 and "no index.parquet" in line
+    assert f"python -m trainer.make_shards {images} {images}-shards" in line  # never into it
+    assert f"--data {images}-shards" in line

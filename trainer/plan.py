@@ -100,6 +100,18 @@ def _writable_dir(location: str, flag: str) -> str:
     return path
 
 
+def _no_index_hint(path: Path) -> str:
+    """What to run for a directory without an index or tar shards (those are indexed on
+    the fly): its images (an ImageFolder) written as shards beside it, never into it."""
+    if not path.is_dir():
+        return "--data names a shard directory (index.parquet, dataset.json, shard-*.tar)"
+    out = f"{path.resolve().as_posix().rstrip('/')}-shards"
+    return (
+        f"if it holds images (one folder per class), write shards beside it with "
+        f"python -m trainer.make_shards {path} {out}, then pass --data {out}"
+    )
+
+
 def _load_index(location: str, flag: str, label: str = "cls") -> ShardIndex:
     if names_shards(location):  # existing webdataset shards: index them once
         try:
@@ -111,10 +123,7 @@ def _load_index(location: str, flag: str, label: str = "cls") -> ShardIndex:
         if not path.exists():
             raise ConfigError(f"{flag} {location}: no such directory")
         if not (path / "index.parquet").is_file():
-            raise ConfigError(
-                f"{flag} {location}: no index.parquet (make shards with "
-                f"python -m trainer.make_shards SRC {location})"
-            )
+            raise ConfigError(f"{flag} {location}: no index.parquet; {_no_index_hint(path)}")
     try:
         return ShardIndex.load(location)
     except ValueError as exc:
