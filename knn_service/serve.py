@@ -36,6 +36,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -243,6 +244,23 @@ async def serve(service: KnnService, settings: AppSettings, host: str, port: int
         await runner.cleanup()
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """The checks that need neither torch nor the bank, before either loads (seconds):
+    a local ``--run`` or ``--snapshot`` that does not exist, and a port already taken.
+
+    Raises:
+        UsageError: naming the flag (or the address) and why.
+    """
+    for flag, value in (("--run", args.run), ("--snapshot", args.snapshot)):
+        if value is not None and "://" not in value and not os.path.exists(value):
+            raise UsageError(f"{flag} {value}: no such directory")
+    if args.port:
+        try:
+            socket.create_server((args.host, args.port)).close()  # SO_REUSEADDR, as asyncio
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = parser().parse_args(argv)
@@ -251,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        preflight(args)
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
     settings = settings_from_args(args)
     if settings.api_token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(

@@ -76,3 +76,27 @@ def test_a_folder_of_images_as_data_is_told_to_write_shards_beside_it(tmp_path):
     assert line.count("\n") == 0 and "no index.parquet" in line
     assert f"python -m trainer.make_shards {images} {images}-shards" in line  # never into it
     assert f"--data {images}-shards" in line
+
+
+def test_serve_names_a_missing_run_before_loading_anything(tmp_path):
+    result = _cli("-X", "importtime", "-m", "knn_service.serve", "--run", str(tmp_path / "nope"))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "import time:" not in line]
+    assert lines == [f"python -m knn_service.serve: --run {tmp_path / 'nope'}: no such directory"]
+    assert " torch" not in result.stderr and " faiss" not in result.stderr  # nothing loaded
+
+
+def test_serve_reports_a_busy_port_before_loading_the_bank(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _cli("-m", "knn_service.serve", "--snapshot", str(tmp_path), "--port", str(port))
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"python -m knn_service.serve: cannot listen on 127.0.0.1:{port}:")
+    ), result.stderr  # an empty snapshot folder would fail later, once loading began
