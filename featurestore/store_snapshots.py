@@ -165,7 +165,7 @@ class SnapshotCoordinator:
             snapshot.prune_snapshots(self.snapshot_dir, cfg.keep_snapshots, cfg.store_id)
         seconds = time.perf_counter() - start
         self._observe(seconds)
-        logger.info(
+        logger.debug(  # one an epoch: the trainer's epoch line is what a user reads
             "store %r: snapshot at step %d written to %s (%.1f s)", cfg.name, step, target, seconds
         )
         return target

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from featurestore import ray_connect
@@ -21,6 +21,7 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.guard import TrainingStoppedError
 from trainer.loop import train_loop_per_worker
 from trainer.plan import RunPlan
+from trainer.progress import is_terminal
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,10 @@ def torch_config(backend: str) -> TorchConfig:
     return TorchConfig(backend=backend)
 
 
+#: Ray Train's console log level (``INFO`` shows its per-epoch checkpoint lines).
+RAY_TRAIN_LOG_ENV = "NPID_RAY_TRAIN_LOG_LEVEL"
+
+
 def build_trainer(
     cfg: TrainConfig,
     plan: RunPlan,
@@ -116,10 +121,21 @@ def build_trainer(
     ``benchmarks/bench_trainer_interleaved.py``).
     """
     resources = {"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": 1}
+    ray_log_level = os.environ.get(RAY_TRAIN_LOG_ENV, "WARNING").upper()
+    if ray_log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(
+            f"{RAY_TRAIN_LOG_ENV}={ray_log_level!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL"
+        )
     storage_path, storage_filesystem = ray_storage(plan.storage_path)
     return TorchTrainer(
         loop,
-        train_loop_config={"config": cfg.to_dict(), "plan": plan.to_dict(), **(extra or {})},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "plan": plan.to_dict(),
+            "terminal": is_terminal(),  # the workers' bars are drawn on this terminal
+            "ray_log_level": ray_log_level,
+            **(extra or {}),
+        },
         torch_config=torch_config(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
@@ -134,6 +150,9 @@ def build_trainer(
             storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's INFO lines (a checkpoint made, a result reported: two per epoch)
+            # stay in its log files; npid prints its own line per epoch
+            logging_config=LoggingConfig(log_level=ray_log_level),
         ),
     )
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -337,9 +336,9 @@ def run_finetune_worker(loop_config: dict, runtime: Runtime) -> dict[str, Any] |
 
 def finetune_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point (``loop_config`` as in :func:`run_finetune_worker`)."""
-    from trainer.ray_runtime import RayRuntime  # Ray: the worker's context
+    from trainer.ray_runtime import RayRuntime, worker_logging  # Ray: the worker's context
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    worker_logging(loop_config.get("ray_log_level", "WARNING"))
     run_finetune_worker(loop_config, RayRuntime())
 
 

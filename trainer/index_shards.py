@@ -42,11 +42,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
 from featurestore.files import is_url, write_atomic
 from trainer.data.decode import IMAGE_FIELDS
 from trainer.data.shard_files import _ShardCursor, _TarError
+from trainer.progress import terminal_bar
 
 logger = logging.getLogger(__name__)
 
@@ -228,9 +228,8 @@ def index_shards(
         write_atomic(parts / f"{name}.parquet", lambda p: pq.write_table(table, p))
         return table.num_rows
 
-    bar = tqdm(total=len(urls), initial=len(urls) - len(todo), desc="index", unit="shard",
-               file=sys.stderr, disable=(not sys.stderr.isatty()) if progress is None
-               else not progress)  # fmt: skip
+    bar = terminal_bar(total=len(urls), initial=len(urls) - len(todo), desc="index", unit="shard",
+                       enabled=progress)  # fmt: skip
     with bar, ThreadPoolExecutor(max(1, threads)) as pool:
         for n in pool.map(run, todo):
             bar.update(1)

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from featurestore import MemoryBank
 from featurestore.files import is_url
@@ -315,13 +313,12 @@ def train_epoch(
     w.model.train()
     total, count, images = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(
+    bar = w.runtime.progress(
         loader,
         desc=f"epoch {epoch + 1}/{w.plan.epochs}",
-        leave=False,
         unit="batch",
-        # a bar on a terminal only: in a log (Ray workers, files) one line per epoch
-        disable=w.rank != 0 or not w.cfg.progress or not sys.stderr.isatty(),
+        # a bar on a terminal only (the driver's, for Ray workers): a log gets one line an epoch
+        enabled=w.rank == 0 and w.cfg.progress,
     )
     batches = iter(bar)
     loading = 1 if w.device.type == "cpu" else None  # see _torch_threads
@@ -368,6 +365,7 @@ def train_epoch(
         w.metrics.count("images", len(ids))
         w.metrics.observe("step_seconds", time.perf_counter() - t0)
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / (time.perf_counter() - start):.0f}")
+    bar.close()
     elapsed = time.perf_counter() - start
     if loader.epoch_skipped:
         w.metrics.count("skipped", loader.epoch_skipped)
@@ -507,7 +505,7 @@ def run_worker(loop_config: dict, runtime: Runtime) -> str | None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point (``loop_config`` as in :func:`run_worker`)."""
-    from trainer.ray_runtime import RayRuntime  # Ray: the worker's context
+    from trainer.ray_runtime import RayRuntime, worker_logging  # Ray: the worker's context
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    run_worker(loop_config, RayRuntime())
+    worker_logging(loop_config.get("ray_log_level", "WARNING"))
+    run_worker(loop_config, RayRuntime(terminal=loop_config.get("terminal", False)))

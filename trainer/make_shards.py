@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from featurestore.argtypes import OneLineParser
 from featurestore.files import make_temp_dir
@@ -63,6 +62,7 @@ from trainer.data.sources import (
     SourceError,
     open_source,
 )
+from trainer.progress import terminal_bar
 from trainer.tar_writer import (
     FORMAT_VERSION,
     INDEX_SCHEMA,
@@ -187,13 +187,7 @@ def make_shards(
     sides = (sys.maxsize, 0)  # smallest and largest image side seen
     try:
         writers = [ShardFileWriter(out / f".{name}{PARTIAL_SUFFIX}") for name in names]
-        bar = tqdm(
-            total=len(records),
-            desc="make_shards",
-            unit="img",
-            file=sys.stderr,
-            disable=(not sys.stderr.isatty()) if progress is None else not progress,
-        )
+        bar = terminal_bar(total=len(records), desc="make_shards", unit="img", enabled=progress)
         with bar:
             verified = ordered_map(load_verified(source), records, threads)
             for record, (data, info) in zip(records, verified, strict=True):

@@ -14,11 +14,14 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from trainer.progress import Bar, is_terminal, terminal_bar
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,9 @@ class Runtime(Protocol):
 
     def metrics(self) -> Metrics:
         """This worker's metric sink."""
+
+    def progress(self, iterable: Iterable[Any], *, desc: str, unit: str, enabled: bool) -> Bar:
+        """``iterable`` with a bar on the user's terminal when ``enabled`` (and there is one)."""
 
 
 class NoMetrics:
@@ -116,6 +122,10 @@ class LocalRuntime:
     def metrics(self) -> Metrics:
         """No exporter in a local run."""
         return NoMetrics()
+
+    def progress(self, iterable: Iterable[Any], *, desc: str, unit: str, enabled: bool) -> Bar:
+        """A tqdm bar on this process's ``stderr`` when it is a terminal."""
+        return terminal_bar(iterable, desc=desc, unit=unit, enabled=enabled and is_terminal())
 
 
 __all__ = ["KEEP_CHECKPOINTS", "LocalRuntime", "Metrics", "NoMetrics", "Runtime"]
