@@ -27,6 +27,7 @@ import torch
 from featurestore.knn.index import KnnIndex
 from featurestore.knn.vote import weighted_knn_vote
 from knn_service.encoders import Encoder
+from knn_service.familiarity import NearestScale, SampledRows, far_note
 from knn_service.request_parsing import (
     DEFAULT_MAX_PIXELS,
     Query,
@@ -50,6 +51,8 @@ class IndexState:
     built_at: float
     """Unix time the build finished."""
     build_seconds: float
+    nearest: NearestScale | None = None
+    """The bank rows' similarity to their nearest other row (``/classify``'s far hint)."""
 
 
 class KnnService:
@@ -122,7 +125,8 @@ class KnnService:
         """
         with self._build_lock:
             start = time.perf_counter()
-            index = KnnIndex.from_batches(self.source(), dim=self.dim, kind=self.kind)
+            sampled = SampledRows(self.source(), self.dim)
+            index = KnnIndex.from_batches(sampled, dim=self.dim, kind=self.kind)
             rows = index.ntotal
             if rows == 0:
                 raise ValueError("the bank exported no rows")
@@ -131,7 +135,8 @@ class KnnService:
                     f"the bank has {rows} rows but the train data {self.train.location} has "
                     f"{self.train.num_instances} instances"
                 )
-            state = IndexState(index, rows, time.time(), time.perf_counter() - start)
+            nearest = NearestScale.measure(index, *sampled.sample())
+            state = IndexState(index, rows, time.time(), time.perf_counter() - start, nearest)
             self._state = state  # the atomic swap
         logger.info(
             "kNN index rebuilt: %d rows x %d (%s) in %.2f s",
@@ -152,6 +157,9 @@ class KnnService:
             "index_built_at": state.built_at,
             "index_age_seconds": max(0.0, time.time() - state.built_at),
             "index_build_seconds": state.build_seconds,
+            "nearest_similarity": None
+            if state.nearest is None
+            else {"p01": state.nearest.p01, "median": state.nearest.median},
             "labels": self.train is not None,
             "images": self.encoder is not None,
         }
@@ -195,8 +203,10 @@ class KnnService:
         x = torch.as_tensor(self.rows(ids)).float()  # [Q, d]
         return torch.nn.functional.normalize(x, dim=1).numpy()
 
-    def _search(self, query: Query) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.state  # one index for the whole request
+    def _search(
+        self, query: Query, state: IndexState | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.state if state is None else state  # one index for the whole request
         k = check_k(query.k, state.rows, self.max_k)
         vectors = self.query_vectors(query)
         return state.index.search(vectors, k)  # [Q, k] each
@@ -233,9 +243,12 @@ class KnnService:
 
     def classify(self, query: Query) -> dict[str, Any]:
         """Weighted kNN vote (Wu et al. §3.4): ``{"predictions": [{"class", "class_name",
-        "probabilities", "scores"}, ...]}``: ``scores`` ``[C]`` = ``Σ exp(s/σ)`` over the
-        neighbours of each class (float64, the raw vote) and ``probabilities`` ``[C]`` the
-        same normalised to sum to 1 (all 0 when no neighbour has a known label).
+        "probabilities", "scores", "nearest_similarity", "note"}, ...]}``: ``scores`` ``[C]``
+        = ``Σ exp(s/σ)`` over the neighbours of each class (float64, the raw vote) and
+        ``probabilities`` ``[C]`` the same normalised to sum to 1 (all 0 when no neighbour
+        has a known label). ``nearest_similarity`` is the best neighbour's; ``note`` says
+        when that is below what 99 % of the bank's rows have to their nearest other row
+        (the query is far from the training data), else ``None``.
 
         ``class`` is the first class of highest score, ``None`` when no neighbour has a
         known label.
@@ -246,7 +259,8 @@ class KnnService:
         """
         if self.train is None or self._labels is None:
             raise RequestError(400, "classify needs labels: start the service with --train-data")
-        sims, ids = self._search(query)
+        state = self.state
+        sims, ids = self._search(query, state)
         labels = self._labels[ids.clamp(min=0)]  # [Q, k]
         labels[ids < 0] = -1
         scores = weighted_knn_vote(sims.double(), labels, self.train.num_classes, query.temperature)
@@ -258,7 +272,8 @@ class KnnService:
         predictions = []
         totals = scores.sum(dim=1, keepdim=True)
         probabilities = torch.where(totals > 0, scores / totals.clamp(min=1e-300), 0.0)
-        for row, probs, c in zip(scores.tolist(), probabilities.tolist(), best):
+        nearest = sims[:, 0].tolist()
+        for row, probs, c, near in zip(scores.tolist(), probabilities.tolist(), best, nearest):
             known = any(v > 0 for v in row)
             predictions.append(
                 {
@@ -266,6 +281,8 @@ class KnnService:
                     "class_name": self._class_name(c) if known else None,
                     "probabilities": probs,
                     "scores": row,
+                    "nearest_similarity": near,
+                    "note": far_note(near, state.nearest),
                 }
             )
         return {"predictions": predictions}

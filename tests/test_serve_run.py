@@ -94,6 +94,10 @@ def test_train_then_serve_the_run_then_query_without_a_cluster(data, store_run) 
         predicted = _post(port, "/classify", {"image": image, "k": 5})["predictions"][0]
         assert predicted["class_name"] in {"c0", "c1", "c2", "c3"}
         assert sum(predicted["probabilities"]) == pytest.approx(1.0)
+        assert -1.0 <= predicted["nearest_similarity"] <= 1.0 and "note" in predicted
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as reply:
+            scale = json.loads(reply.read())["nearest_similarity"]
+        assert -1.0 <= scale["p01"] <= scale["median"] <= 1.0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
