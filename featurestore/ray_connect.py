@@ -6,8 +6,9 @@ instance that listens on loopback only.
 - ``RAY_ADDRESS`` set (``ray job submit`` sets it; so does a user joining a cluster): join
   that cluster (on a loopback address as a loopback client: Ray would otherwise dial the
   GCS at the host's own IP, where a loopback head does not listen, and hang). Before
-  Ray's own connect (which retries for about 20 s and ends in a traceback) two quick
-  checks turn the common mistakes into one line: nothing answers at the address, or the
+  Ray's own connect (which retries for about 20 s and ends in a traceback, or for minutes
+  when something other than Ray answers) three quick checks turn the common mistakes into
+  one line: nothing answers at the address, what answers is not Ray (no gRPC), or the
   cluster wants token authentication and this client has no token.
 - Otherwise, where a command may start Ray (``trainer.run``, a new ``ShardedStore``): a
   new local instance (never a stray one found on this machine) whose every process (GCS,
@@ -105,6 +106,31 @@ def check_reachable(address: str, timeout_s: float = 3.0, what: str | None = Non
         ) from None
 
 
+def check_protocol(address: str, timeout_s: float = 5.0, what: str | None = None) -> None:
+    """Raise :class:`RayConnectError` when the server at ``address`` (``host:port``) does not
+    open a gRPC (HTTP/2) connection within ``timeout_s``: something else listens there (a
+    web server, another service), where Ray's own connect would retry for minutes. Skipped
+    with TLS (``RAY_USE_TLS``), where a plain channel cannot be opened."""
+    parsed = _host_port(address)
+    if parsed is None or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return
+    try:
+        import grpc
+    except ImportError:  # grpcio comes with ray[default]; without it leave it to ray.init
+        return
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError:
+        raise RayConnectError(
+            f"{what or f'RAY_ADDRESS={address}'}: something listens there but does not speak "
+            f"Ray's protocol (no gRPC answer in {timeout_s:g} s): is it the head's GCS port "
+            "(6379 unless `ray start --port` said otherwise)?"
+        ) from None
+    finally:
+        channel.close()
+
+
 def _has_token_config() -> bool:
     return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
 
@@ -195,6 +221,7 @@ def connect(*, start_local: bool, **init_kwargs: Any) -> bool:
             loopback_only()
         if not address.startswith("ray://"):
             check_reachable(address)
+            check_protocol(address)
             check_token(address)
         try:
             ray.init(address=address, **init_kwargs)
@@ -205,7 +232,9 @@ def connect(*, start_local: bool, **init_kwargs: Any) -> bool:
         found = local_cluster_address()
         if found is None:
             raise RayConnectError(f"no running Ray cluster; {START_HINT}")
-        check_reachable(found, what=f"the local cluster recorded by `ray start` ({found})")
+        recorded = f"the local cluster recorded by `ray start` ({found})"
+        check_reachable(found, what=recorded)
+        check_protocol(found, what=recorded)
         check_token(found, what=f"the local cluster at {found}", auto=True)
         try:
             ray.init(address="auto", **init_kwargs)
@@ -223,6 +252,7 @@ __all__ = [
     "LOCAL_ONLY_ENV",
     "LOOPBACK",
     "RayConnectError",
+    "check_protocol",
     "check_reachable",
     "check_token",
     "connect",
