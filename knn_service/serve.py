@@ -23,7 +23,8 @@ checkpoint or run directory) enables image queries; ``--run`` gives both unless 
 named. Query vectors are L2-normalized before the search; the similarity is the inner
 product with the bank row (the cosine, as the store's momentum update keeps rows unit
 length). It binds 127.0.0.1 unless ``--host`` says otherwise; with ``NPID_API_TOKEN`` set
-every route but ``/healthz`` needs ``Authorization: Bearer <token>``.
+every route but ``/healthz`` needs ``Authorization: Bearer <token>``. A non-loopback
+``--host`` without a token is refused unless ``--insecure`` is given.
 
 Bad arguments (no such run, snapshot or store, unreadable data or checkpoint, mismatched
 dims or row counts, a port in use) print one line on stderr and exit with status 2.
@@ -91,7 +92,16 @@ def parser() -> argparse.ArgumentParser:
         help="exported encoder, training checkpoint or run dir (image queries; default with "
         "--run: the run's encoder)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help=f"address to bind; another than loopback needs {TOKEN_ENV} (or --insecure)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help=f"allow a non-loopback --host without {TOKEN_ENV}: anyone who reaches it can query",
+    )
     p.add_argument("--port", type=port_number, default=8000, help="port (0: any free port)")
     p.add_argument(
         "--refresh-seconds",
@@ -244,6 +254,12 @@ async def serve(service: KnnService, settings: AppSettings, host: str, port: int
         await runner.cleanup()
 
 
+def _loopback(host: str) -> bool:
+    from featurestore.ray_connect import is_loopback
+
+    return is_loopback(f"{host}:0")
+
+
 def preflight(args: argparse.Namespace) -> None:
     """The checks that need neither torch nor the bank, before either loads (seconds):
     a local ``--run`` or ``--snapshot`` that does not exist, and a port already taken.
@@ -251,6 +267,11 @@ def preflight(args: argparse.Namespace) -> None:
     Raises:
         UsageError: naming the flag (or the address) and why.
     """
+    if not _loopback(args.host) and not os.environ.get(TOKEN_ENV) and not args.insecure:
+        raise UsageError(
+            f"--host {args.host} is not loopback: set {TOKEN_ENV} (clients then send "
+            "'Authorization: Bearer <token>') or pass --insecure to serve it open"
+        )
     for flag, value in (("--run", args.run), ("--snapshot", args.snapshot)):
         if value is not None and "://" not in value and not os.path.exists(value):
             raise UsageError(f"{flag} {value}: no such directory")
@@ -275,9 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     settings = settings_from_args(args)
-    if settings.api_token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if settings.api_token is None and not _loopback(args.host):
         logger.warning(
-            "serving on %s without %s: anyone who can reach it can query", args.host, TOKEN_ENV
+            "serving on %s without %s (--insecure): anyone who can reach it can query",
+            args.host,
+            TOKEN_ENV,
         )
     try:
         service, bank = build_service(args)

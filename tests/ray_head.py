@@ -46,6 +46,8 @@ class Head:
     address: str
     dashboard_port: int
     env: dict[str, str]
+    temp_dir: str
+    """Its ``--temp-dir``: every process of the head names it on its command line."""
 
 
 @contextlib.contextmanager
@@ -69,7 +71,9 @@ def token_head(cache_dir: Path, num_cpus: int = 2) -> Iterator[Head]:
              "--dashboard-port", str(dashboard)],
             check=True, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-        yield Head(f"127.0.0.1:{port}", dashboard, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+        yield Head(
+            f"127.0.0.1:{port}", dashboard, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, str(temp)
+        )
     finally:
         kill_instance(str(temp))
         shutil.rmtree(temp, ignore_errors=True)

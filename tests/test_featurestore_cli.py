@@ -142,3 +142,60 @@ def test_help_loads_neither_torch_nor_ray() -> None:
 def test_bad_arguments_are_one_line_and_exit_2(head, argv, needle) -> None:
     result = _cli(head.env, "-m", "featurestore", *argv)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and needle in result.stderr
+
+
+def test_an_address_where_something_else_listens_is_one_line_in_seconds(head) -> None:
+    """A web server at RAY_ADDRESS (a wrong port): Ray's own connect retried past 120 s."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        start = time.monotonic()
+        result = _cli({**head.env, "RAY_ADDRESS": address}, "-m", "featurestore", "status",
+                      "--name", "x", timeout=60)  # fmt: skip
+    finally:
+        server.shutdown()
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"RAY_ADDRESS={address}: something listens there but does not speak" in result.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_a_started_store_listens_on_loopback_only_and_no_output_shows_the_token(head) -> None:
+    """Every listening socket of the head's processes (GCS, raylet, agents, the workers
+    that host the store's shard actors) while a 2-shard store runs; and neither the CLI nor
+    a training run against it prints the cluster's token."""
+    import psutil
+
+    token = head.env["RAY_AUTH_TOKEN"]
+    started = _cli(head.env, "-m", "featurestore", "start", "--name", "scan", "--rows", str(N),
+                   "--dim", "8", "--shards", "2")  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr[-3000:]
+        status = _cli(head.env, "-m", "featurestore", "status", "--name", "scan")
+        listening = set()
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if head.temp_dir not in " ".join(proc.info["cmdline"] or []):
+                    continue
+                for p in [proc, *proc.children(recursive=True)]:
+                    for conn in p.net_connections(kind="inet"):
+                        if conn.status == psutil.CONN_LISTEN:
+                            name = " ".join(p.cmdline()[:3])[:120]
+                            listening.add((conn.laddr.ip, conn.laddr.port, name))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        names = " ".join(name for _, _, name in listening)
+        assert "gcs_server" in names and "raylet" in names, sorted(listening)
+        assert "ray::" in names, sorted(listening)  # the workers hosting the actors
+        exposed = sorted(
+            s for s in listening if s[0] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+        )
+        assert not exposed, f"listening beyond loopback: {exposed}"
+        for result in (started, status):
+            assert token not in result.stdout + result.stderr
+    finally:
+        _store(head.env, "stop", "--name", "scan")

@@ -3,6 +3,7 @@ exit 2, never a traceback or 30 lines of usage; help that shows each default onc
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def _cli(
+    *args: str, timeout: int = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env=env,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -100,3 +104,25 @@ def test_serve_reports_a_busy_port_before_loading_the_bank(tmp_path):
         .splitlines()[-1]
         .startswith(f"python -m knn_service.serve: cannot listen on 127.0.0.1:{port}:")
     ), result.stderr  # an empty snapshot folder would fail later, once loading began
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.7", "::"])
+def test_serve_refuses_a_non_loopback_address_without_a_token(tmp_path, host):
+    env = {k: v for k, v in os.environ.items() if k != "NPID_API_TOKEN"}
+    result = _cli("-m", "knn_service.serve", "--snapshot", str(tmp_path), "--host", host, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"python -m knn_service.serve: --host {host} is not loopback: set NPID_API_TOKEN "
+        "(clients then send 'Authorization: Bearer <token>') or pass --insecure to serve it open"
+    ]
+
+
+def test_serve_with_a_token_or_insecure_gets_past_the_open_door_check(tmp_path):
+    """Both pass the check and fail later, at the empty snapshot folder, never printing
+    the token."""
+    for env_extra, flags in (({"NPID_API_TOKEN": "s3cret-token"}, []), ({}, ["--insecure"])):
+        env = {**{k: v for k, v in os.environ.items() if k != "NPID_API_TOKEN"}, **env_extra}
+        result = _cli("-m", "knn_service.serve", "--snapshot", str(tmp_path), "--host",
+                      "0.0.0.0", "--port", "0", *flags, env=env)  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "is not loopback" not in result.stderr and "s3cret-token" not in result.stderr

@@ -87,6 +87,10 @@ def test_train_then_serve_the_run_then_query_without_a_cluster(data, store_run) 
                 break
         assert port is not None, "the service did not start"
         assert "ray" not in " ".join(psutil_children(proc.pid))  # no cluster was started
+        listening = psutil_listening(proc.pid)
+        assert (("127.0.0.1", port) in listening) and all(
+            ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for ip, _ in listening
+        ), listening  # a default serve opens no door beyond loopback
         neighbours = _post(port, "/neighbors", {"ids": [5], "k": 3})["results"][0]
         assert neighbours["ids"][0] == 5 and neighbours["similarities"][0] == pytest.approx(1.0)
         assert neighbours["labels"][0] == 5 // (N // 4)  # ids follow the sorted paths
@@ -105,6 +109,16 @@ def test_train_then_serve_the_run_then_query_without_a_cluster(data, store_run) 
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def psutil_listening(pid: int) -> set[tuple[str, int]]:
+    import psutil
+
+    return {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.Process(pid).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    }
 
 
 def psutil_children(pid: int) -> list[str]:
