@@ -47,7 +47,11 @@ START_HINT = (
     "`ray job submit`)"
 )
 
+#: Ray's switch for the GCS port of an instance ``ray.init`` starts (read at start).
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+
 _started_local = False
+_own_address: str | None = None
 
 
 class RayConnectError(LookupError):
@@ -195,6 +199,42 @@ def check_token(address: str, what: str | None = None, auto: bool = False) -> No
         logger.debug("Ray probe of %s: %s", address, exc)
 
 
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+def _start_local(**init_kwargs: Any) -> None:
+    """``ray.init`` a new instance on loopback whose processes know its address.
+
+    Ray's own helpers inside actors (Ray Train's placement-group cleaner asks the state
+    API for its controller) look for "the" cluster when ``RAY_ADDRESS`` is unset: with
+    another Ray on the machine they raised "Found multiple active Ray instances", or
+    picked the other one. So the GCS port is chosen first (``RAY_GCS_SERVER_PORT``) and
+    ``RAY_ADDRESS`` names it in the environment every process of the instance inherits;
+    the next :func:`connect` of this process forgets it once the instance is shut down.
+    """
+    global _own_address
+    import ray
+
+    address = f"{LOOPBACK}:{_free_loopback_port()}"
+    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", GCS_PORT_ENV)}
+    os.environ[GCS_PORT_ENV] = address.rpartition(":")[2]
+    os.environ["RAY_ADDRESS"] = address  # read by the processes Ray starts, not ray.init
+    try:
+        ray.init(address="local", _node_ip_address=LOOPBACK, **init_kwargs)
+    except BaseException:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        raise
+    os.environ.pop(GCS_PORT_ENV, None)
+    _own_address = address
+
+
 def connect(*, start_local: bool, **init_kwargs: Any) -> bool:
     """Connect this process to Ray once.
 
@@ -215,6 +255,8 @@ def connect(*, start_local: bool, **init_kwargs: Any) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if _own_address is not None and os.environ.get("RAY_ADDRESS") == _own_address:
+        del os.environ["RAY_ADDRESS"]  # a local instance this process started and shut down
     address = os.environ.get("RAY_ADDRESS") or None
     if address is not None and address != "auto":
         if is_loopback(address):  # else Ray dials the host's own IP, where no one listens
@@ -242,7 +284,7 @@ def connect(*, start_local: bool, **init_kwargs: Any) -> bool:
             raise RayConnectError(f"the local cluster at {found}: {exc}; {TOKEN_HINT}") from None
         return False
     loopback_only()
-    ray.init(address="local", _node_ip_address=LOOPBACK, **init_kwargs)
+    _start_local(**init_kwargs)
     _started_local = True
     logger.info("started a local Ray instance on %s (set RAY_ADDRESS to join a cluster)", LOOPBACK)
     return True
