@@ -51,7 +51,6 @@ START_HINT = (
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
 
 _started_local = False
-_own_address: str | None = None
 
 
 class RayConnectError(LookupError):
@@ -212,10 +211,10 @@ def _start_local(**init_kwargs: Any) -> None:
     API for its controller) look for "the" cluster when ``RAY_ADDRESS`` is unset: with
     another Ray on the machine they raised "Found multiple active Ray instances", or
     picked the other one. So the GCS port is chosen first (``RAY_GCS_SERVER_PORT``) and
-    ``RAY_ADDRESS`` names it in the environment every process of the instance inherits;
-    the next :func:`connect` of this process forgets it once the instance is shut down.
+    ``RAY_ADDRESS`` names it in the environment of the processes ``ray.init`` spawns (GCS,
+    raylet, and through the raylet every worker and actor). This process's own environment
+    is restored afterwards: a later ``ray.init()`` here must not join a stopped instance.
     """
-    global _own_address
     import ray
 
     address = f"{LOOPBACK}:{_free_loopback_port()}"
@@ -224,15 +223,12 @@ def _start_local(**init_kwargs: Any) -> None:
     os.environ["RAY_ADDRESS"] = address  # read by the processes Ray starts, not ray.init
     try:
         ray.init(address="local", _node_ip_address=LOOPBACK, **init_kwargs)
-    except BaseException:
+    finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        raise
-    os.environ.pop(GCS_PORT_ENV, None)
-    _own_address = address
 
 
 def connect(*, start_local: bool, **init_kwargs: Any) -> bool:
@@ -255,8 +251,6 @@ def connect(*, start_local: bool, **init_kwargs: Any) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if _own_address is not None and os.environ.get("RAY_ADDRESS") == _own_address:
-        del os.environ["RAY_ADDRESS"]  # a local instance this process started and shut down
     address = os.environ.get("RAY_ADDRESS") or None
     if address is not None and address != "auto":
         if is_loopback(address):  # else Ray dials the host's own IP, where no one listens
