@@ -1,4 +1,4 @@
-"""ShardedStore vs the in-process MemoryBank, side by side in one run (DESIGN §3).
+"""ShardedStore vs the in-process MemoryBank, side by side in one run (README, *The feature store*).
 
 Measures (medians over ``--repeats``):
 

@@ -1,4 +1,4 @@
-"""The in-process memory bank (DESIGN §1, §4).
+"""The in-process memory bank (Wu et al. §3.1-3.2; README, *Which objective*).
 
 :class:`MemoryBank` keeps one unit vector per training instance and runs a training step
 through the same partial-statistics protocol the sharded store uses (one shard covering

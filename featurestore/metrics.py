@@ -1,4 +1,5 @@
-"""Feature store metrics through ``ray.util.metrics`` (DESIGN §2: ``npid_*`` → Prometheus).
+"""Feature store metrics through ``ray.util.metrics`` (``npid_*`` → Prometheus; README,
+*Operations*).
 
 # Ray: this module uses Ray's metrics API (recorded in the shard actors and the client;
 # Ray's exporter adds a ``ray_`` prefix to the names).

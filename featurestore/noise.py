@@ -1,4 +1,4 @@
-"""Noise ids for sampled objectives, drawn where the rows live (DESIGN §3).
+"""Noise ids for sampled objectives, drawn where the rows live (README, *The feature store*).
 
 Rows ``[0, N)`` are split into contiguous shards by ``bounds`` (``bounds[s]`` to
 ``bounds[s+1]``). For a step with seed ``seed`` every party computes the same per-query

@@ -1,4 +1,4 @@
-"""Training objectives over a memory bank (DESIGN §1).
+"""Training objectives over a memory bank (Wu et al. §3.1-3.2; README, *Which objective*).
 
 An objective is a small frozen config object: it says *what* to compute. The bank (or a
 store shard) computes partial statistics for it where the rows live

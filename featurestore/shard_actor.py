@@ -2,10 +2,10 @@
 
 # Ray: this module defines the shard actor (``RemoteShard``); the client is store.py.
 
-The actor runs the store protocol of DESIGN §3 where the rows are: for a step it draws its
-share of the noise (:func:`featurestore.noise.local_noise`), scores it, returns only
-:class:`~featurestore.statistics.PartialStats` and applies the momentum update to its own
-rows, all in one call. Row-touching methods run one at a time (``max_concurrency=1``), so
+The actor runs the store protocol (README, *The feature store*) where the rows are: for a
+step it draws its share of the noise (:func:`featurestore.noise.local_noise`), scores it,
+returns only :class:`~featurestore.statistics.PartialStats` and applies the momentum update
+to its own rows, all in one call. Row-touching methods run one at a time (``max_concurrency=1``), so
 each call's score-then-update is atomic. Shard 0 is also the store's authority for the step
 counter, NCE's ``Z`` and the snapshot schedule: it counts each step in the step call itself
 and returns that state with the statistics (a :class:`StepControl`), so a step costs one

@@ -1,4 +1,5 @@
-"""Bank snapshots: one Parquet file per shard and a JSON manifest written last (DESIGN §3, §6).
+"""Bank snapshots: one Parquet file per shard and a JSON manifest written last (README,
+*The feature store*).
 
 Layout of one snapshot (a directory on any fsspec filesystem: a local path, ``file://``,
 ``memory://``, ``s3://`` …)::

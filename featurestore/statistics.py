@@ -1,4 +1,5 @@
-"""Partial statistics and their exact merge: "move statistics, not rows" (DESIGN §3).
+"""Partial statistics and their exact merge: "move statistics, not rows" (README, *The
+feature store*).
 
 A shard holding rows ``[lo, hi)`` scores the queries ``f`` (``[B, d]``) against its rows
 (all of them for the exact softmax, its share of the noise otherwise) and returns

@@ -1,4 +1,5 @@
-"""The sharded feature store: the memory bank as S Ray actors (DESIGN §2-§4).
+"""The sharded feature store: the memory bank as S Ray actors (README, *The feature
+store*; ARCHITECTURE.md).
 
 # Ray: the store's client; its Ray calls go through featurestore/store_transport.py.
 

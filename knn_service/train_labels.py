@@ -1,4 +1,5 @@
-"""What the kNN tools read from a sharded dataset (DESIGN §5): labels, keys, single images.
+"""What the kNN tools read from a sharded dataset (README, *Data format*): labels, keys,
+single images.
 
 :class:`TrainLabels` is the per-instance metadata (label, webdataset key, source path) the
 service attaches to neighbours; :func:`read_image_bytes` fetches the original image files of

@@ -26,7 +26,7 @@ PACKAGES = ("trainer", "featurestore", "knn_service")
 KINDS = {"Counter": "counter", "Gauge": "gauge", "Histogram": "histogram", "Summary": "summary"}
 METRIC_RE = re.compile(r"\b(?:ray_)?npid_[A-Za-z0-9_]+\b")
 
-#: The names the monitoring stack is documented with (DESIGN §2, deploy/README.md).
+#: The names the monitoring stack is documented with (README, *Operations*; deploy/README.md).
 DOCUMENTED = {
     "npid_train_loss",
     "npid_train_images_total",

@@ -2,7 +2,7 @@
 
 Flags mirror the reference code (``--arch --low-dim --nce-k --nce-t --nce-m --lr
 --batch-size --epochs``; ``--nce-k 0`` means the exact softmax) plus the distributed ones
-(DESIGN §6). ``--config file.yaml`` supplies any of them (keys spelled like the flags,
+(README, *Training*). ``--config file.yaml`` supplies any of them (keys spelled like the flags,
 with ``-`` or ``_``); flags given on the command line win over the file.
 """
 

@@ -1,4 +1,4 @@
-"""kNN evaluation during training (DESIGN §1 "Weighted kNN", §6).
+"""kNN evaluation during training (Wu et al. §3.4; README, *Reproducing the paper*).
 
 Two flavours, both the paper's 200-NN weighted vote with ``σ = τ``:
 

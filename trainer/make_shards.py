@@ -1,4 +1,4 @@
-"""Convert one split of an image dataset into webdataset shards (DESIGN.md §5).
+"""Convert one split of an image dataset into webdataset shards (README, *Data format*).
 
     python -m trainer.make_shards SRC OUT [--shard-size N] [--split train|test] [--overwrite]
     python -m trainer.make_shards index URLS... OUT [--label cls|json:FIELD|none]

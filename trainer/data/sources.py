@@ -2,7 +2,7 @@
 
 A *source* is one split of a dataset as an ordered list of :class:`Record` (where the image
 comes from, its label, the file extension it is stored under) plus a way to get each record's
-encoded bytes. Three kinds (see DESIGN.md §5):
+encoded bytes. Three kinds (README, *Data format*):
 
 - ``imagefolder``: a directory with one subdirectory per class (ImageNet layout). Images may sit
   at any depth below their class directory; extensions ``jpg jpeg png webp bmp`` in any case are
