@@ -32,3 +32,16 @@ def unlabelled_shards(root: Path, n: int = 12) -> str:
         image.rename(src / f"{image.parent.name}-{image.name}")  # at the root: no class
     make_shards(src, root / "unlabelled", progress=False)
     return str(root / "unlabelled")
+
+
+def colour_shards(root: Path, train: int, test: int, shard_size: int) -> dict[str, Path]:
+    """``{"train": dir, "test": dir}``: shards under ``root`` of ``train`` and ``test``
+    generated images (:func:`colour_class_folder`, seeds 0 and 1), ``shard_size`` per tar."""
+    from trainer.make_shards import make_shards
+
+    out = {}
+    for split, n, seed in (("train", train, 0), ("test", test, 1)):
+        src = colour_class_folder(root / f"src-{split}", n, seed)
+        make_shards(src, root / split, shard_size=shard_size, progress=False)
+        out[split] = root / split
+    return out

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from generated_images import colour_class_folder, unlabelled_shards
+from without_ray import no_ray_program
 
 from trainer import finetune
 from trainer.checkpoints import TrainState, save_checkpoint
@@ -27,10 +28,7 @@ from trainer.models import EncoderConfig, build_encoder
 
 REPO = Path(__file__).resolve().parent.parent
 #: The command with every ``import ray`` failing: ``--launcher local`` provably avoids Ray.
-NO_RAY = (
-    "import sys; sys.modules['ray'] = None; "
-    "from trainer.finetune import main; sys.exit(main(sys.argv[1:]))"
-)
+NO_RAY = no_ray_program("trainer.finetune")
 
 
 def _cli(*argv: str, ray: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:

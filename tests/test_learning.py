@@ -109,6 +109,7 @@ FAST_MARGIN_OVER_PIXELS = 0.05
 FAST_BANK_BEHIND_RECOMPUTED = 0.07
 
 
+@pytest.mark.slow  # 80 epochs: the learning guard, kept on the default path
 def test_a_short_run_learns_features_better_than_its_start_and_its_input(shifted_digits, tmp_path):
     start, bank, end, pixels = _learning(shifted_digits, FAST_RUN, "digits", tmp_path / "run")
     assert end >= start + FAST_MARGIN_OVER_EPOCH_0, (start, bank, end, pixels)
@@ -163,6 +164,7 @@ def cifar_run(cifar_subset, tmp_path_factory) -> tuple[tuple[float, ...], Path]:
 
 
 @pytest.mark.cifar
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.io.image")
 def test_cifar_subset_learns_features_better_than_its_start_and_its_input(cifar_run):
     (start, bank, end, pixels), _ = cifar_run
@@ -178,6 +180,7 @@ FINETUNE_MARGIN_OVER_SCRATCH = 0.01
 
 
 @pytest.mark.cifar
+@pytest.mark.slow
 def test_cifar_fine_tuning_from_the_npid_run_beats_scratch_at_ten_percent_labels(
     cifar_run, cifar_subset, tmp_path, capsys
 ):

@@ -10,30 +10,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from generated_images import colour_class_folder
+from generated_images import colour_shards
+from without_ray import no_ray_program
 
 from trainer.checkpoints import latest_checkpoint, load_checkpoint
-from trainer.make_shards import make_shards
 from trainer.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 #: Runs the CLI with every ``import ray`` failing, so the local path provably avoids Ray.
-NO_RAY = (
-    "import sys; sys.modules['ray'] = None; "
-    "from trainer.run import main; sys.exit(main(sys.argv[1:]))"
-)
+NO_RAY = no_ray_program("trainer.run")
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """96 train and 32 test 16×16 images of 4 colour classes."""
-    root = tmp_path_factory.mktemp("local")
-    out = {}
-    for split, n, seed in (("train", 96, 0), ("test", 32, 1)):
-        src = colour_class_folder(root / f"src-{split}", n, seed)
-        make_shards(src, root / split, shard_size=40, progress=False)
-        out[split] = root / split
-    return out
+    return colour_shards(tmp_path_factory.mktemp("local"), 96, 32, shard_size=40)
 
 
 def _run(shards, output, *extra, timeout=240):

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from generated_images import colour_class_folder
+from generated_images import colour_shards
+from without_ray import no_ray_program
 
 from featurestore.objectives import Softmax
 from trainer.checkpoints import latest_checkpoint, load_checkpoint
 from trainer.config import ConfigError
 from trainer.flags import parse_config
-from trainer.make_shards import make_shards
 from trainer.metrics import read_jsonl
 from trainer.models import EncoderConfig, build_encoder
 from trainer.parametric import InstanceClassifier, Parametric, ParametricHead, with_head
@@ -29,10 +29,7 @@ from trainer.plan import resolve_objective
 
 REPO = Path(__file__).resolve().parent.parent
 #: Runs the CLI with every ``import ray`` failing, so the local path provably avoids Ray.
-NO_RAY = (
-    "import sys; sys.modules['ray'] = None; "
-    "from trainer.run import main; sys.exit(main(sys.argv[1:]))"
-)
+NO_RAY = no_ray_program("trainer.run")
 
 
 def test_head_loss_is_cross_entropy_over_instance_ids_exactly():
@@ -132,13 +129,7 @@ def test_local_run_on_digits_recomputes_every_evaluation_exports_without_head_an
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """48 train and 16 test 16×16 images of 4 colour classes."""
-    root = tmp_path_factory.mktemp("parametric")
-    out = {}
-    for split, n, seed in (("train", 48, 0), ("test", 16, 1)):
-        src = colour_class_folder(root / f"src-{split}", n, seed)
-        make_shards(src, root / split, shard_size=40, progress=False)
-        out[split] = root / split
-    return out
+    return colour_shards(tmp_path_factory.mktemp("parametric"), 48, 16, shard_size=40)
 
 
 @pytest.mark.ray

@@ -18,10 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from generated_images import colour_class_folder
+from generated_images import colour_shards
 
 from trainer.checkpoints import latest_checkpoint
-from trainer.make_shards import make_shards
 from trainer.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,11 +31,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def shards(tmp_path_factory):
     """64 train (one corrupt) and 24 test images (16×16 RGB, 4 classes), 3 uneven shards."""
     root = tmp_path_factory.mktemp("e2e")
-    out = {}
-    for split, n, seed in (("train", 64, 0), ("test", 24, 1)):
-        src = colour_class_folder(root / f"src-{split}", n, seed)
-        make_shards(src, root / split, shard_size=25, progress=False)
-        out[split] = root / split
+    out = colour_shards(root, 64, 24, shard_size=25)
     _corrupt_one_image(root / "train" / "shard-000000.tar")
     return out
 
