@@ -63,6 +63,7 @@ def test_start_status_train_snapshot_restore_stop(head, tmp_path) -> None:
         "--arch", "small", "--low-dim", "16", "--batch-size", "8", "--epochs", "1",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    assert env["RAY_AUTH_TOKEN"] not in run.stdout + run.stderr  # the trainer never prints it
     status = _store(env, "status", "--name", "bank")  # still running after the run
     assert status["steps"] == N // 8 and status["last_snapshot_step"] == N // 8
     assert status["snapshot_dir"] == str(snaps)

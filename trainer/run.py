@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from trainer import driver  # type: ignore[no-redef]
 
-    from trainer.run_record import write_run_record
+    from trainer.run_record import record_outcome, write_run_record
 
     write_run_record(plan)  # what knn_service.serve --run RUN_DIR reads
     log.info(
@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     records = read_jsonl(Path(plan.output) / "metrics.jsonl")
+    skipped = record_outcome(plan.output, records)
+    if skipped["total"]:
+        log.warning(
+            "npid: skipped %d corrupt or missing samples in all (per epoch in run.json)",
+            skipped["total"],
+        )
     if records:
         log.info("npid: final %s", json.dumps(records[-1], sort_keys=True))
     return 0

@@ -3,8 +3,9 @@
 ``trainer.run`` writes it before training starts (again on ``--resume``): the resolved
 training and validation data, the instance count, the embedding size, the network, the
 bank kind and where its snapshots go. ``python -m knn_service.serve --run RUN_DIR`` reads
-it to serve the run without a cluster. Runs written before this file existed are read
-from their newest checkpoint's config instead.
+it to serve the run without a cluster. When the run ends it adds ``skipped_samples``
+(corrupt or missing samples, in all and per epoch) and ``finished``. Runs written before
+this file existed are read from their newest checkpoint's config instead.
 """
 
 from __future__ import annotations
@@ -53,6 +54,26 @@ def write_run_record(plan: Any) -> Path:
     path = output / RUN_FILE
     write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def record_outcome(output: str | os.PathLike, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Add what the finished run met to ``output/run.json``: ``skipped_samples`` (corrupt
+    or missing samples skipped, ``total`` and ``by_epoch`` from the training records of
+    ``metrics.jsonl``; a resumed epoch counts once, its last record) and ``finished``.
+
+    Returns:
+        The ``skipped_samples`` entry.
+    """
+    by_epoch: dict[str, int] = {}
+    for r in records:
+        if "skipped" in r and "epoch" in r:
+            by_epoch[str(int(r["epoch"]))] = int(r["skipped"])
+    skipped = {"total": sum(by_epoch.values()), "by_epoch": by_epoch}
+    path = Path(output) / RUN_FILE
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record.update(skipped_samples=skipped, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return skipped
 
 
 def read_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -136,6 +157,7 @@ __all__ = [
     "SNAPSHOT_SUBDIR",
     "local_bank_state",
     "read_run_record",
+    "record_outcome",
     "snapshot_for_checkpoint",
     "write_run_record",
 ]

@@ -138,6 +138,8 @@ class ShardIndex:
         id_shard[ids] = remap[encoded.indices.to_numpy()]
         labels = np.empty(n, dtype=np.int64)
         labels[ids] = table["label"].to_numpy()
+        classes = tuple(meta.get("classes", ()))
+        _check_labels(labels, classes, where, table, ids)
         order = np.lexsort((np.arange(n), id_shard))  # ids grouped by shard, ascending
         bounds = np.searchsorted(id_shard[order], np.arange(len(shards) + 1))
         shard_ids = tuple(order[bounds[s] : bounds[s + 1]] for s in range(len(shards)))
@@ -146,6 +148,7 @@ class ShardIndex:
             id_pos[sid] = np.arange(len(sid))
         shard_keys = shard_offsets = None
         if "key" in table.column_names:
+            _check_unique_keys(table, where)
             by_id = np.empty(n, dtype=object)
             by_id[ids] = np.asarray(table["key"].to_pylist(), dtype=object)
             shard_keys = tuple(by_id[sid] for sid in shard_ids)
@@ -160,10 +163,48 @@ class ShardIndex:
             labels=labels,
             id_shard=id_shard,
             id_pos=id_pos,
-            classes=tuple(meta.get("classes", ())),
+            classes=classes,
             meta=meta,
             shard_keys=shard_keys,
             shard_offsets=shard_offsets,
+        )
+
+
+def _check_labels(
+    labels: np.ndarray, classes: tuple, where: str, table: pa.Table, ids: np.ndarray
+) -> None:
+    """Raise ValueError naming the first id whose label is below -1 or, when dataset.json
+    names the classes, not one of them (``labels`` ``[N]`` by id)."""
+    top = len(classes) if classes else None
+    bad = labels < -1 if top is None else (labels < -1) | (labels >= top)
+    if not bad.any():
+        return
+    first = int(np.flatnonzero(bad)[0])
+    row = int(np.flatnonzero(ids == first)[0])
+    member = ""
+    if "key" in table.column_names:
+        member = f" (key {table['key'][row].as_py()!r} in {table['shard'][row].as_py()})"
+    allowed = (
+        "a label is >= 0, or -1 for unknown"
+        if top is None
+        else f"dataset.json names {top} classes: 0..{top - 1}, or -1 for unknown"
+    )
+    raise ValueError(
+        f"index.parquet in {where}: {int(bad.sum())} label(s) outside the classes, the first "
+        f"id {first}{member} with label {int(labels[first])} ({allowed})"
+    )
+
+
+def _check_unique_keys(table: pa.Table, where: str) -> None:
+    """Raise ValueError naming a key that two ids share within one shard (samples are
+    matched to ids by key: one of them could never be read)."""
+    counts = table.group_by(["shard", "key"]).aggregate([("id", "count")])
+    dup = counts.filter(pc.greater(counts["id_count"], 1))
+    if dup.num_rows:
+        raise ValueError(
+            f"index.parquet in {where}: {dup.num_rows} key(s) name more than one id in one "
+            f"shard, the first {dup['key'][0].as_py()!r} in {dup['shard'][0].as_py()} "
+            f"({dup['id_count'][0].as_py()} ids)"
         )
 
 
