@@ -12,6 +12,8 @@ Metrics:
 * ``npid_store_rows`` (Gauge; tag ``shard``): rows held by a shard.
 * ``npid_store_snapshot_seconds`` (Histogram): time to write one complete snapshot.
 * ``npid_store_restarts_total`` (Counter; tag ``shard``): shard actor restarts.
+* ``npid_store_snapshot_failures_total`` (Counter): snapshots that failed to commit (the
+  previous one stays the latest).
 
 Metric objects are created lazily, once per process; recording never raises (a metrics
 failure is logged once and ignored, the store keeps serving).
@@ -36,6 +38,7 @@ REQUEST_SECONDS = "npid_store_request_seconds"
 ROWS = "npid_store_rows"
 SNAPSHOT_SECONDS = "npid_store_snapshot_seconds"
 RESTARTS_TOTAL = "npid_store_restarts_total"
+SNAPSHOT_FAILURES_TOTAL = "npid_store_snapshot_failures_total"
 
 #: Histogram boundaries (seconds) for request latency: 0.5 ms … 60 s.
 REQUEST_BOUNDARIES = [
@@ -52,6 +55,7 @@ DEFINITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     ROWS: ("gauge", ("shard",)),
     SNAPSHOT_SECONDS: ("histogram", ()),
     RESTARTS_TOTAL: ("counter", ("shard",)),
+    SNAPSHOT_FAILURES_TOTAL: ("counter", ()),
 }
 
 
@@ -64,6 +68,7 @@ class StoreMetrics:
     rows: Any
     snapshot_seconds: Any
     restarts: Any
+    snapshot_failures: Any
 
     def count_request(self, op: str, shard: int) -> None:
         """One call of ``op`` served by ``shard``."""
@@ -84,6 +89,10 @@ class StoreMetrics:
     def count_restart(self, shard: int) -> None:
         """``shard`` restarted."""
         _safe(self.restarts.inc, 1.0, {"shard": str(shard)})
+
+    def count_snapshot_failure(self) -> None:
+        """A snapshot failed to commit."""
+        _safe(self.snapshot_failures.inc, 1.0, None)
 
 
 _warned = False
@@ -130,6 +139,11 @@ def build_metrics() -> StoreMetrics:
             RESTARTS_TOTAL,
             description="Feature store shard actor restarts.",
             tag_keys=DEFINITIONS[RESTARTS_TOTAL][1],
+        ),
+        snapshot_failures=ray_metrics.Counter(
+            SNAPSHOT_FAILURES_TOTAL,
+            description="Feature store snapshots that failed to commit.",
+            tag_keys=DEFINITIONS[SNAPSHOT_FAILURES_TOTAL][1],
         ),
     )
 

@@ -550,6 +550,7 @@ class ShardActor:
                 self._last_snapshot_step = max(self._last_snapshot_step, int(step))
                 return
             self._snapshot_failures += 1
+            self._metrics.count_snapshot_failure()
             logger.warning(
                 "snapshot of store %r at step %d failed (%d failed so far; the last committed "
                 "one is at step %d); the next is tried on schedule",

@@ -217,10 +217,16 @@ class SnapshotCoordinator:
     def _run_auto(self, step: int) -> None:
         try:
             self.take(None)
-        except Exception:
-            logger.exception(
-                "automatic snapshot of store %r after step %d failed", self.config.name, step
+        except Exception as exc:  # one line; training goes on and shard 0 retries on schedule
+            logger.error(
+                "automatic snapshot of store %r after step %d failed: %s: %s (training goes "
+                "on; the previous snapshot stays the latest)",
+                self.config.name,
+                step,
+                type(exc).__name__,
+                exc,
             )
+            logger.debug("the failed snapshot", exc_info=True)
 
 
 __all__ = ["SnapshotCoordinator"]

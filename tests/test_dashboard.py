@@ -40,6 +40,7 @@ DOCUMENTED = {
     "npid_store_rows",
     "npid_store_snapshot_seconds",
     "npid_store_restarts_total",
+    "npid_store_snapshot_failures_total",
 }
 
 

@@ -322,3 +322,70 @@ def test_a_failed_automatic_snapshot_is_reported_and_retried_on_schedule(make_st
     info = store.shard_info()[0]
     assert (info["last_snapshot_step"], info["snapshot_failures"]) == (6, 1)
     assert [m.step for m in snapshot_module.list_snapshots(str(snaps))] == [6, 2]
+
+
+class SmallDisk:
+    """A tmpfs mounted at ``path``: ``used()`` bytes, ``resize(bytes)`` remounts it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def used(self) -> int:
+        import os
+
+        st = os.statvfs(self.path)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    def resize(self, size: int) -> None:
+        import subprocess
+
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only: skipped elsewhere)."""
+    import subprocess
+
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield SmallDisk(where)
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_fails_the_snapshot_in_one_line_and_keeps_the_previous(
+    make_store, small_disk, caplog
+):
+    disk = str(small_disk.path)
+    store = make_store(num_rows=N, dim=D, num_shards=2, seed=31, snapshot_dir=disk,
+                       snapshot_every_steps=2)  # fmt: skip
+    f, ids, _ = batch(31)
+    obj = SampledSoftmax(num_negatives=K)
+    for _ in range(2):
+        store.step(f, ids, obj)
+    store.wait_for_snapshots()
+    (first,) = snapshot_module.list_snapshots(disk)
+    rows_at_2 = all_rows(store)
+    small_disk.resize(small_disk.used() + 4096)  # room for a page, not for a snapshot
+    with caplog.at_level(logging.ERROR, logger="featurestore.store_snapshots"):
+        for _ in range(2):
+            store.step(f, ids, obj)  # due at 4: the disk is full
+        store.wait_for_snapshots()
+    failed = [r for r in caplog.records if "automatic snapshot" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is None
+    line = failed[0].getMessage()
+    assert "\n" not in line and "No space left on device" in line, line
+    assert store.shard_info()[0]["snapshot_failures"] == 1
+    kept = snapshot_module.list_snapshots(disk)
+    assert [m.step for m in kept] == [2]  # the failed one left no debris behind
+    other = make_store(num_rows=N, dim=D, num_shards=1, seed=1)
+    other.load_snapshot(first.uri)
+    close(all_rows(other), rows_at_2, tol=0)  # the previous snapshot is whole
+    store.step(f, ids, obj)  # training goes on
+    assert store.shard_info()[0]["step"] == 5
