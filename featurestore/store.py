@@ -1,5 +1,4 @@
-"""The sharded feature store: the memory bank as S Ray actors (README, *The feature
-store*; ARCHITECTURE.md).
+"""The sharded feature store: the memory bank as S Ray actors (README; ARCHITECTURE.md).
 
 # Ray: the store's client; its Ray calls go through featurestore/store_transport.py.
 

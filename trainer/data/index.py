@@ -148,7 +148,7 @@ class ShardIndex:
             id_pos[sid] = np.arange(len(sid))
         shard_keys = shard_offsets = None
         if "key" in table.column_names:
-            _check_unique_keys(table, where)
+            _check_unique_keys(table, encoded.indices.to_numpy(), where)
             by_id = np.empty(n, dtype=object)
             by_id[ids] = np.asarray(table["key"].to_pylist(), dtype=object)
             shard_keys = tuple(by_id[sid] for sid in shard_ids)
@@ -195,17 +195,22 @@ def _check_labels(
     )
 
 
-def _check_unique_keys(table: pa.Table, where: str) -> None:
+def _check_unique_keys(table: pa.Table, shard_codes: np.ndarray, where: str) -> None:
     """Raise ValueError naming a key that two ids share within one shard (samples are
-    matched to ids by key: one of them could never be read)."""
-    counts = table.group_by(["shard", "key"]).aggregate([("id", "count")])
-    dup = counts.filter(pc.greater(counts["id_count"], 1))
-    if dup.num_rows:
-        raise ValueError(
-            f"index.parquet in {where}: {dup.num_rows} key(s) name more than one id in one "
-            f"shard, the first {dup['key'][0].as_py()!r} in {dup['shard'][0].as_py()} "
-            f"({dup['id_count'][0].as_py()} ids)"
-        )
+    matched to ids by key: one of them could never be read). ``shard_codes`` ``[N]``: each
+    row's shard number. Plain numpy: Arrow's grouping would start thread pools."""
+    keys = pc.dictionary_encode(table["key"].combine_chunks())
+    codes = keys.indices.to_numpy().astype(np.int64)
+    pairs = shard_codes.astype(np.int64) * max(1, len(keys.dictionary)) + codes
+    unique, first, counts = np.unique(pairs, return_index=True, return_counts=True)
+    if len(unique) == len(pairs):
+        return
+    dup = int(first[np.flatnonzero(counts > 1)[0]])
+    raise ValueError(
+        f"index.parquet in {where}: {int((counts > 1).sum())} key(s) name more than one id "
+        f"in one shard, the first {table['key'][dup].as_py()!r} in "
+        f"{table['shard'][dup].as_py()} ({int(counts[counts > 1][0])} ids)"
+    )
 
 
 def read_index_table(location: DatasetLocation) -> pa.Table:

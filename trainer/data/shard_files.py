@@ -21,6 +21,7 @@ from urllib.request import url2pathname
 import fsspec
 
 from featurestore.files import is_url
+from trainer.data.retrying import RetryingReader
 
 # --------------------------------------------------------------------------- locations
 
@@ -42,8 +43,8 @@ def open_url(url: str) -> BinaryIO:
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return open(url2pathname(parsed.path), "rb", buffering=1 << 20)
-    try:
-        return fsspec.open(url, "rb").open()
+    try:  # object storage: transient errors are retried with backoff (retrying.POLICY)
+        return RetryingReader(url, lambda: fsspec.open(url, "rb").open())  # type: ignore[return-value]
     except ImportError as exc:  # fsspec lacks the protocol's package (s3fs, gcsfs, ...)
         wds = _webdataset()
         if parsed.scheme in wds.gopen_schemes:
