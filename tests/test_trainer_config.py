@@ -283,7 +283,7 @@ def test_build_trainer_runs_the_given_loop_with_extra_config(tiny_shards, tmp_pa
     plan = make_plan(cfg)
     default = build_trainer(cfg, plan)
     assert default.train_loop_per_worker is train_loop_per_worker
-    assert set(default.train_loop_config) == {"config", "plan"}
+    assert set(default.train_loop_config) == {"config", "plan", "terminal", "ray_log_level"}
     other = build_trainer(cfg, plan, _other_loop, {"rounds": 3})
     assert other.train_loop_per_worker is _other_loop
     assert other.train_loop_config["rounds"] == 3
