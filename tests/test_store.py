@@ -388,6 +388,7 @@ def test_metric_definitions_and_recording(ray_cluster):
         "npid_store_rows": ("gauge", ("shard",)),
         "npid_store_snapshot_seconds": ("histogram", ()),
         "npid_store_restarts_total": ("counter", ("shard",)),
+        "npid_store_snapshot_failures_total": ("counter", ()),
     }
     m = store_metrics_module.store_metrics()
     assert m is store_metrics_module.store_metrics()
@@ -396,4 +397,5 @@ def test_metric_definitions_and_recording(ray_cluster):
     m.set_rows(0, 10)
     m.observe_snapshot(1.0)
     m.count_restart(0)
+    m.count_snapshot_failure()
     assert not store_metrics_module._warned
