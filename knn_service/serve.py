@@ -95,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help=f"address to bind; another than loopback needs {TOKEN_ENV} (or --insecure)",
+        help=f"address to bind; any but loopback needs {TOKEN_ENV} (or --insecure)",
     )
     p.add_argument(
         "--insecure",
