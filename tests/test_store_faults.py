@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import threading
@@ -389,3 +390,86 @@ def test_a_full_disk_fails_the_snapshot_in_one_line_and_keeps_the_previous(
     close(all_rows(other), rows_at_2, tol=0)  # the previous snapshot is whole
     store.step(f, ids, obj)  # training goes on
     assert store.shard_info()[0]["step"] == 5
+
+
+def test_a_snapshot_dir_that_loses_write_permission_fails_in_one_line_and_keeps_the_previous(
+    make_store, small_disk, caplog
+):
+    """Write permission lost (a read-only remount: root ignores file modes) fails the
+    snapshot in one line; the previous one stays loadable; writes resume once it is back."""
+    import subprocess
+
+    disk = str(small_disk.path)
+    small_disk.resize(64 << 20)
+    store = make_store(num_rows=N, dim=D, num_shards=2, seed=37, snapshot_dir=disk,
+                       snapshot_every_steps=2)  # fmt: skip
+    f, ids, _ = batch(37)
+    obj = SampledSoftmax(num_negatives=K)
+    for _ in range(2):
+        store.step(f, ids, obj)
+    store.wait_for_snapshots()
+    rows_at_2 = all_rows(store)
+    subprocess.run(["mount", "-o", "remount,ro", disk], check=True)
+    try:
+        with caplog.at_level(logging.ERROR, logger="featurestore.store_snapshots"):
+            for _ in range(2):
+                store.step(f, ids, obj)  # due at 4: read-only
+            store.wait_for_snapshots()
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", disk], check=True)
+    failed = [r.getMessage() for r in caplog.records if "automatic snapshot" in r.getMessage()]
+    assert len(failed) == 1 and "\n" not in failed[0], failed
+    assert "Read-only file system" in failed[0], failed[0]
+    (kept,) = snapshot_module.list_snapshots(disk)
+    other = make_store(num_rows=N, dim=D, num_shards=1, seed=1)
+    other.load_snapshot(kept.uri)
+    close(all_rows(other), rows_at_2, tol=0)
+    for _ in range(2):
+        store.step(f, ids, obj)  # 6: one interval after the failed attempt, writable again
+    store.wait_for_snapshots()
+    assert [m.step for m in snapshot_module.list_snapshots(disk)] == [6, 2]
+
+
+def test_a_snapshot_dir_removed_while_snapshots_are_written_never_leaves_a_torn_one(
+    make_store, tmp_path
+):
+    """The directory deleted over and over while snapshots are written: each attempt either
+    commits a whole snapshot or fails (one exception naming it); every snapshot listed
+    afterwards loads with the rows of its step, and the store keeps stepping."""
+    snaps = tmp_path / "snaps"
+    store = make_store(num_rows=N, dim=D, num_shards=2, seed=41, snapshot_dir=str(snaps))
+    f, ids, _ = batch(41)
+    obj = SampledSoftmax(num_negatives=K)
+    stop = threading.Event()
+
+    pauses = itertools.cycle([0.002] * 3 + [0.05])
+
+    def remove() -> None:  # bursts of deletions, and pauses long enough to commit in
+        while not stop.is_set():
+            shutil.rmtree(snaps, ignore_errors=True)
+            time.sleep(next(pauses))
+
+    remover = threading.Thread(target=remove)
+    remover.start()
+    outcomes, rows_at = [], {}
+    try:
+        for step in range(1, 13):
+            store.step(f, ids, obj)
+            rows_at[step] = all_rows(store)
+            try:
+                store.snapshot()
+                outcomes.append("committed")
+            except (OSError, ValueError) as err:
+                assert str(err), "a failure names what failed"
+                outcomes.append("failed")
+    finally:
+        stop.set()
+        remover.join()
+    assert len(outcomes) == 12
+    for m in snapshot_module.list_snapshots(str(snaps)):  # whatever survived the deletions
+        other = make_store(num_rows=N, dim=D, num_shards=1, seed=1)
+        other.load_snapshot(m.uri)
+        close(all_rows(other), rows_at[m.step], tol=0)
+    store.step(f, ids, obj)
+    store.snapshot()  # the directory left alone: snapshots work again
+    assert snapshot_module.list_snapshots(str(snaps))[0].step == 13
