@@ -14,6 +14,8 @@ Metrics:
 * ``npid_store_restarts_total`` (Counter; tag ``shard``): shard actor restarts.
 * ``npid_store_snapshot_failures_total`` (Counter): snapshots that failed to commit (the
   previous one stays the latest).
+* ``npid_store_snapshot_retries_total`` (Counter): snapshot file writes to object storage
+  tried again after a transient error (:mod:`featurestore.write_retries`).
 
 Metric objects are created lazily, once per process; recording never raises (a metrics
 failure is logged once and ignored, the store keeps serving).
@@ -39,6 +41,7 @@ ROWS = "npid_store_rows"
 SNAPSHOT_SECONDS = "npid_store_snapshot_seconds"
 RESTARTS_TOTAL = "npid_store_restarts_total"
 SNAPSHOT_FAILURES_TOTAL = "npid_store_snapshot_failures_total"
+SNAPSHOT_RETRIES_TOTAL = "npid_store_snapshot_retries_total"
 
 #: Histogram boundaries (seconds) for request latency: 0.5 ms … 60 s.
 REQUEST_BOUNDARIES = [
@@ -56,6 +59,7 @@ DEFINITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     SNAPSHOT_SECONDS: ("histogram", ()),
     RESTARTS_TOTAL: ("counter", ("shard",)),
     SNAPSHOT_FAILURES_TOTAL: ("counter", ()),
+    SNAPSHOT_RETRIES_TOTAL: ("counter", ()),
 }
 
 
@@ -69,6 +73,7 @@ class StoreMetrics:
     snapshot_seconds: Any
     restarts: Any
     snapshot_failures: Any
+    snapshot_retries: Any
 
     def count_request(self, op: str, shard: int) -> None:
         """One call of ``op`` served by ``shard``."""
@@ -93,6 +98,10 @@ class StoreMetrics:
     def count_snapshot_failure(self) -> None:
         """A snapshot failed to commit."""
         _safe(self.snapshot_failures.inc, 1.0, None)
+
+    def count_snapshot_retry(self) -> None:
+        """A snapshot file write to object storage was tried again."""
+        _safe(self.snapshot_retries.inc, 1.0, None)
 
 
 _warned = False
@@ -144,6 +153,11 @@ def build_metrics() -> StoreMetrics:
             SNAPSHOT_FAILURES_TOTAL,
             description="Feature store snapshots that failed to commit.",
             tag_keys=DEFINITIONS[SNAPSHOT_FAILURES_TOTAL][1],
+        ),
+        snapshot_retries=ray_metrics.Counter(
+            SNAPSHOT_RETRIES_TOTAL,
+            description="Snapshot file writes to object storage tried again after an error.",
+            tag_keys=DEFINITIONS[SNAPSHOT_RETRIES_TOTAL][1],
         ),
     )
 

@@ -288,6 +288,7 @@ class ShardActor:
         self._last_snapshot_time: float | None = None  # the clock starts at the first step
         self._snapshot_started: float | None = None
         self._snapshot_failures = 0
+        self._snapshot_retries = 0
         self._applied = 0
         self._metrics.set_rows(shard, self.hi - self.lo)
         if reconstructed:
@@ -469,8 +470,14 @@ class ShardActor:
             self.bank.rows,
             meta,
             compression=self.config.snapshot_compression,
+            on_retry=self._count_snapshot_retry,
         )
         return self.stamp, asdict(entry)
+
+    def _count_snapshot_retry(self) -> None:
+        with self._lock:
+            self._snapshot_retries += 1
+        self._metrics.count_snapshot_retry()
 
     def load_snapshot(self, uri: str) -> tuple[ShardStamp, int]:
         """Replace this shard's rows with rows ``[lo, hi)`` of the snapshot at ``uri``."""
@@ -498,6 +505,7 @@ class ShardActor:
                 "device": str(self.bank.device),
                 "last_snapshot_step": self._last_snapshot_step,
                 "snapshot_failures": self._snapshot_failures,
+                "snapshot_retries": self._snapshot_retries,
                 "memory": _memory(self.bank.rows),
             }
 

@@ -27,7 +27,7 @@ import re
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 
-from featurestore import arrow_io
+from featurestore import arrow_io, write_retries
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ def write_shard_file(
     metadata: dict[str, Any],
     compression: str | None = None,
     batch_rows: int = arrow_io.EXPORT_BATCH_ROWS,
+    on_retry: Callable[[], None] | None = None,
 ) -> ShardFile:
     """Write rows ``[lo, lo + n)`` of a bank as one Parquet file of a snapshot.
 
@@ -221,16 +222,16 @@ def write_shard_file(
             float32 values then have two zero bytes each; byte-stream-split makes them
             compress to half) and no compression for float32.
         batch_rows: rows per row group.
+        on_retry: called at each retry of a transient object-storage error
+            (:mod:`~featurestore.write_retries`).
 
     Returns:
         The :class:`ShardFile` entry for the manifest.
     """
     n, dim = rows.shape
     fs, dir_path = _fs(directory)
-    fs.makedirs(dir_path, exist_ok=True)
     name = shard_file_name(shard, num_shards)
     final = f"{dir_path.rstrip('/')}/{name}"
-    tmp = f"{dir_path.rstrip('/')}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
     meta = {key: json.dumps(value) for key, value in metadata.items()}
     meta.update(
         {
@@ -252,27 +253,41 @@ def write_shard_file(
     }
     if compression != "none":
         options["use_byte_stream_split"] = ["vector.list.element"]
-    sink = pa.OSFile(tmp, "wb") if _is_local(fs) else fs.open(tmp, "wb")
-    try:
-        with sink, pq.ParquetWriter(sink, schema, **options) as writer:
-            for r0 in range(0, n, batch_rows):
-                r1 = min(n, r0 + batch_rows)
-                batch = arrow_io.to_record_batch(torch.arange(lo + r0, lo + r1), rows[r0:r1])
-                writer.write_batch(batch.replace_schema_metadata(meta), row_group_size=batch_rows)
-        nbytes = int(fs.size(tmp))
-        _rename(fs, tmp, final)
-    except BaseException:
+
+    def write() -> int:
+        fs.makedirs(dir_path, exist_ok=True)
+        tmp = f"{dir_path.rstrip('/')}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        sink = pa.OSFile(tmp, "wb") if _is_local(fs) else fs.open(tmp, "wb")
         try:
-            if fs.exists(tmp):
-                fs.rm(tmp)
-        except OSError:
-            pass
-        raise
+            with sink, pq.ParquetWriter(sink, schema, **options) as writer:
+                for r0 in range(0, n, batch_rows):
+                    r1 = min(n, r0 + batch_rows)
+                    ids = torch.arange(lo + r0, lo + r1)
+                    batch = arrow_io.to_record_batch(ids, rows[r0:r1])
+                    writer.write_batch(
+                        batch.replace_schema_metadata(meta), row_group_size=batch_rows
+                    )
+            size = int(fs.size(tmp))
+            _rename(fs, tmp, final)
+        except BaseException:
+            try:
+                if fs.exists(tmp):
+                    fs.rm(tmp)
+            except OSError:
+                pass
+            raise
+        return size
+
+    nbytes = write_retries.retrying(
+        join(directory, name), write, remote=not _is_local(fs), on_retry=on_retry
+    )
     return ShardFile(path=name, lo=lo, hi=lo + n, nbytes=nbytes)
 
 
-def write_manifest(manifest: Manifest) -> str:
-    """Commit a snapshot: write its manifest (temp name, then rename). Returns its URI."""
+def write_manifest(manifest: Manifest, on_retry: Callable[[], None] | None = None) -> str:
+    """Commit a snapshot: write its manifest (temp name, then rename). Returns its URI.
+
+    ``on_retry``: called at each retry of a transient object-storage error."""
     manifest.validate()
     fs, dir_path = _fs(manifest.uri)
     for f in manifest.files:
@@ -280,11 +295,16 @@ def write_manifest(manifest: Manifest) -> str:
         if not fs.exists(path):
             raise FileNotFoundError(f"snapshot shard file missing: {manifest.file_uri(f)}")
     final = f"{dir_path.rstrip('/')}/{MANIFEST_NAME}"
-    tmp = f"{dir_path.rstrip('/')}/.{MANIFEST_NAME}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "w") as out:
-        out.write(manifest.to_json())
-    _rename(fs, tmp, final)
-    return join(manifest.uri, MANIFEST_NAME)
+
+    def write() -> None:
+        tmp = f"{dir_path.rstrip('/')}/.{MANIFEST_NAME}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, "w") as out:
+            out.write(manifest.to_json())
+        _rename(fs, tmp, final)
+
+    uri = join(manifest.uri, MANIFEST_NAME)
+    write_retries.retrying(uri, write, remote=not _is_local(fs), on_retry=on_retry)
+    return uri
 
 
 def _snapshot_root(uri: str) -> str:

@@ -20,6 +20,7 @@ from dataclasses import fields
 from typing import Any
 
 from featurestore import snapshot
+from featurestore.metrics import store_metrics
 from featurestore.shard_actor import StoreConfig
 from featurestore.store_transport import ShardGroup
 from featurestore.validation import dtype_name, storage_dtype
@@ -152,7 +153,7 @@ class SnapshotCoordinator:
                 extra={"normalize_init": cfg.normalize_init},
                 **fields,
             )
-            snapshot.write_manifest(manifest)
+            snapshot.write_manifest(manifest, on_retry=store_metrics().count_snapshot_retry)
             committed = True
         finally:
             if not committed and uri is None:

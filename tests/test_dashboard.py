@@ -41,6 +41,7 @@ DOCUMENTED = {
     "npid_store_snapshot_seconds",
     "npid_store_restarts_total",
     "npid_store_snapshot_failures_total",
+    "npid_store_snapshot_retries_total",
 }
 
 

@@ -389,6 +389,7 @@ def test_metric_definitions_and_recording(ray_cluster):
         "npid_store_snapshot_seconds": ("histogram", ()),
         "npid_store_restarts_total": ("counter", ("shard",)),
         "npid_store_snapshot_failures_total": ("counter", ()),
+        "npid_store_snapshot_retries_total": ("counter", ()),
     }
     m = store_metrics_module.store_metrics()
     assert m is store_metrics_module.store_metrics()
