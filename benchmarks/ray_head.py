@@ -1,7 +1,7 @@
-"""A ``ray start --head`` with token authentication on loopback, for the tests that play a
-user's cluster (``ray job submit``, ``python -m featurestore``): its own temp dir, ports and
-token, and stopped by killing only its own processes (``ray stop`` would also stop the
-session's other Ray instance)."""
+"""A ``ray start --head`` with token authentication on loopback, for the tests and
+benchmarks that play a user's cluster (``ray job submit``, ``python -m featurestore``, the
+chaos run): its own temp dir, ports and token, and stopped by killing only its own
+processes (``ray stop`` would also stop the session's other Ray instance)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,11 @@ class Head:
     temp_dir: str
     """Its ``--temp-dir``: every process of the head names it on its command line."""
 
+    @property
+    def dashboard_url(self) -> str:
+        """``http://127.0.0.1:PORT``: where ``ray job`` commands and the state API go."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
 
 @contextlib.contextmanager
 def token_head(cache_dir: Path, num_cpus: int = 2) -> Iterator[Head]:
@@ -63,6 +69,7 @@ def token_head(cache_dir: Path, num_cpus: int = 2) -> Iterator[Head]:
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
         "NPID_CACHE_DIR": str(cache_dir),
         "RAY_ADDRESS": "",
+        "RAY_DEDUP_LOGS": "0",  # a job's log shows every worker's line
     }
     try:
         subprocess.run(
@@ -76,4 +83,38 @@ def token_head(cache_dir: Path, num_cpus: int = 2) -> Iterator[Head]:
         )
     finally:
         kill_instance(str(temp))
-        shutil.rmtree(temp, ignore_errors=True)
+        if os.environ.get("NPID_KEEP_HEAD_DIR") != "1":  # =1: keep its logs to read
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def submit(
+    head: Head,
+    entrypoint: list[str],
+    working_dir: Path,
+    *,
+    no_wait: bool = False,
+    submission_id: str | None = None,
+    timeout: float = 420,
+    agent_wait_s: float = 300,
+) -> subprocess.CompletedProcess:
+    """``ray job submit [--no-wait] --working-dir DIR -- ENTRYPOINT`` as a user types it.
+
+    The head's job agent may still be starting (it took over 60 s on a loaded 2-core
+    machine): Ray's "No available agent" is retried for up to ``agent_wait_s``.
+    """
+    ray_bin = Path(sys.executable).with_name("ray")
+    env = {**head.env, "RAY_ADDRESS": ""}  # `ray job submit` names the dashboard
+    cmd = [str(ray_bin), "job", "submit", "--address", head.dashboard_url,
+           "--working-dir", str(working_dir)]  # fmt: skip
+    if no_wait:
+        cmd.append("--no-wait")
+    if submission_id is not None:
+        cmd += ["--submission-id", submission_id]
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        job = subprocess.run(
+            [*cmd, "--", *entrypoint], env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
+            return job
+        time.sleep(10)

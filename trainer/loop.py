@@ -205,7 +205,13 @@ def resume(w: Worker) -> tuple[int, int]:
                 raise ValueError(f"checkpoint {source} names no store snapshot to restore")
             w.bank.load_snapshot(state.store_snapshot)  # rows, Z and step of the checkpoint
         truncate_jsonl_after(Path(w.plan.output) / "metrics.jsonl", state.step)
-    logger.info("resumed at epoch %d, step %d", state.epoch, state.step)
+    why = "after a worker failure" if (on_disk or restart) else "on --resume"
+    bank = "" if w.bank is None else ", the bank's rows and Z"
+    say = logger.warning if (on_disk or restart) else logger.info
+    say(
+        "resumed at epoch %d, step %d %s: the model, optimiser%s restored from checkpoint %s; "
+        "the steps after it are repeated", state.epoch, state.step, why, bank, source,
+    )  # fmt: skip
     return state.epoch, state.step
 
 
