@@ -47,7 +47,7 @@ from benchmarks.ray_head import Head, submit, token_head  # noqa: E402
 #: Lines of a job's log that report a fault or what was done about it.
 FAULT_LINE = re.compile(
     r"restarted|resumed at|unavailable|retry|Worker group|worker group|failed|died|"
-    r"SIGKILL|killed|lost",
+    r"SIGKILL|SIGTERM|killed|lost",
 )
 RESTARTED = re.compile(
     r"shard (\d+) of store '[^']+' restarted: rows \[(\d+), (\d+)\) reloaded from snapshot "
@@ -57,21 +57,27 @@ RESUMED = re.compile(r"resumed at epoch (\d+), step (\d+)")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+WORKERS = 2
+"""Ray Train workers: each steps the store, so its counter advances by 2 a training step."""
+
+
 @dataclass
 class Fault:
     """One injected fault and what it cost (steps are training steps)."""
 
     kind: str
     epoch: int
-    """Injected during this epoch (1-based), ``delay_s`` after the one before it ended."""
+    """Scheduled in this epoch (1-based), ``delay_s`` after the one before it ended; where
+    it struck is :attr:`struck_epoch` (the client's polling lags by a few seconds)."""
     delay_s: float
     at_step: int = -1
-    """The training step when it struck (the store's step counter)."""
+    """The training step when it struck (the store's step counter / workers)."""
     resumed_at_step: int = -1
     """The step training went back to (a worker failure or ``--resume``; -1: none)."""
     rows_rolled_back: int = 0
     rows_back_to_step: int = -1
     lines: list[str] = field(default_factory=list)
+    struck_epoch: int = -1
 
     @property
     def steps_repeated(self) -> int:
@@ -90,6 +96,8 @@ class Outcome:
     knn_recomputed: float | None
     wall_s: float
     epochs: list[int]
+    store_shards_left: int = 0
+    """Live store shard actors after the run ended (its store is detached: 0 = cleaned up)."""
 
 
 def entrypoint(output: Path, seed: int, epochs: int, resume: bool = False) -> list[str]:
@@ -212,7 +220,9 @@ def run_undisturbed(head: Head, cluster: Cluster, work: Path, seed: int, epochs:
     if done.returncode != 0:
         raise RuntimeError(f"ray job submit failed: {done.stderr[-2000:]}")
     status = cluster.wait(job, timeout=60 * epochs + 600)
-    return outcome(output, seed, status, time.monotonic() - start)
+    result = outcome(output, seed, status, time.monotonic() - start)
+    result.store_shards_left = len(cluster.actors("ShardActor"))
+    return result
 
 
 def fault_lines(text: str) -> list[str]:
@@ -246,7 +256,7 @@ def run_chaos(
         if k:  # what the run printed since the fault before
             logs.append(text[seen:])
         seen = len(text)
-        fault.at_step = cluster.store_step()
+        fault.at_step = max(-1, cluster.store_step() // WORKERS)
         if fault.kind == "shard SIGKILL":
             cluster.sigkill("ShardActor", rng)
         elif fault.kind == "worker SIGKILL":
@@ -266,7 +276,13 @@ def run_chaos(
     wall = time.monotonic() - start
     logs.append(cluster.logs(first)[seen:] + cluster.logs(second))  # the stop and the resume
     account(faults, logs)
-    return outcome(output, seed, status, wall), faults
+    done_run = outcome(output, seed, status, wall)
+    per_epoch = next((r["step"] for r in records(output) if r["epoch"] == 1), 0)
+    for fault in faults:
+        if per_epoch and fault.at_step >= 0:
+            fault.struck_epoch = fault.at_step // per_epoch + 1
+    done_run.store_shards_left = len(cluster.actors("ShardActor"))  # detached: must be gone
+    return done_run, faults
 
 
 def account(faults: list[Fault], logs: list[str]) -> None:
@@ -277,7 +293,7 @@ def account(faults: list[Fault], logs: list[str]) -> None:
         for line in fault.lines:
             if (m := RESTARTED.search(line)) and fault.rows_back_to_step < 0:
                 fault.rows_rolled_back = int(m.group(3)) - int(m.group(2))
-                fault.rows_back_to_step = int(m.group(5))
+                fault.rows_back_to_step = int(m.group(5)) // WORKERS
             if m := RESUMED.search(line):
                 fault.resumed_at_step = int(m.group(2))
 
@@ -293,7 +309,8 @@ def table(clean: list[Outcome], chaos: Outcome, faults: list[Fault], num_rows: i
         else:
             rolled = f"{f.rows_rolled_back} ({f.rows_back_to_step})"
         rows.append(
-            f"| {f.kind} | {f.epoch} | {f.at_step} | {back} | {f.steps_repeated} | {rolled} |"
+            f"| {f.kind} | {f.struck_epoch} | {f.at_step} | {back} | {f.steps_repeated} | "
+            f"{rolled} |"
         )
     out = "\n".join(rows) + "\n\n"
     out += "| run | status | kNN top-1 (bank) | kNN top-1 (recomputed) | wall s |\n"
@@ -335,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import ShardIndex
     from trainer.make_shards import ensure_builtin_dataset
 
-    num_rows = len(ShardIndex.load(ensure_builtin_dataset(work / "cache", "train")))
+    num_rows = ShardIndex.load(ensure_builtin_dataset(work / "cache", "train")).num_instances
     bank = [o.knn_bank for o in clean if o.knn_bank is not None]
     recomputed = [o.knn_recomputed for o in clean if o.knn_recomputed is not None]
     report = {
@@ -358,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=2))
     print(table(clean, chaos, faults, num_rows))
     for f in faults:
-        print(f"\n{f.kind} (epoch {f.epoch}, {f.delay_s:.1f} s in): what the run said")
+        print(f"\n{f.kind} (step {f.at_step}, epoch {f.struck_epoch}): what the run said")
         for line in f.lines:
             print(f"    {line[:300]}")
     if report["wall_lost_s"] is not None:

@@ -30,6 +30,7 @@ def test_a_run_survives_a_shard_kill_a_worker_kill_and_a_job_stop(tmp_path) -> N
     report = json.loads(report_path.read_text())
     chaos = report["chaos"]
     assert chaos["status"] == "SUCCEEDED"
+    assert chaos["store_shards_left"] == 0  # neither job's (detached) store outlived it
     # every epoch once, in order: the records after each resumed checkpoint were dropped
     # and written again (the last epoch twice: bank and recomputed features)
     assert chaos["epochs"] == [*range(EPOCHS + 1), EPOCHS]

@@ -119,3 +119,32 @@ def test_resume_refuses_a_checkpoint_of_another_bank_or_seed_in_one_line(
     assert again.returncode == 2
     lines = again.stderr.strip().splitlines()
     assert len(lines) == 1 and "is from another config" in lines[0] and says in lines[0], lines
+
+
+def test_sigterm_stops_the_run_with_one_line_and_exit_143(shards, tmp_path):
+    """``ray job stop`` and schedulers send SIGTERM: the run ends through its cleanup (the
+    store a Ray run created is shut down there) with one line and exit code 143."""
+    import signal
+    import time
+
+    args = [
+        "--launcher", "local", "--data", str(shards["train"]), "--val-data", str(shards["test"]),
+        "--output", str(tmp_path / "run"), "--arch", "small", "--low-dim", "16",
+        "--batch-size", "16", "--nce-k", "0", "--no-progress", "--epochs", "200",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", NO_RAY, *args], cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.is_file() and len(read_jsonl(metrics)) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out[-2000:] + err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "stopped by SIGTERM (a store this run created was shut down); resume with --resume"
+    ), err[-2000:]
+    assert "Traceback" not in err

@@ -9,13 +9,26 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from trainer.config import ConfigError
 from trainer.flags import parse_config
 from trainer.guard import TrainingStoppedError
 from trainer.metrics import read_jsonl
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a scheduler's preemption), raised where the run is so that
+    its ``finally`` blocks run: the store it created is made of detached actors, which
+    would otherwise outlive the job and hold their memory."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+    raise Terminated(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.epochs,
         plan.output,
     )
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         driver.run(cfg, plan)
     except ConfigError as exc:
@@ -54,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStoppedError as exc:
         print(f"error: training stopped: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("stopped by SIGTERM (a store this run created was shut down); resume with "
+              "--resume", file=sys.stderr)  # fmt: skip
+        return 143
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)
         return 130
