@@ -31,6 +31,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray
 
 from featurestore import MemoryBank, SampledSoftmax, ShardedStore
+from featurestore.store import actor_name
 
 NAMESPACE = "npid-load"
 
@@ -45,6 +46,11 @@ class LoadResult:
     rows_checked: int
     rows_differing: int
     max_difference: float
+    killed_shard: int | None = None
+    """The shard killed mid-load (after a snapshot), or None."""
+    rows_rolled_back: int = 0
+    """Rows of the killed shard whose updates between its snapshot and the kill were lost."""
+    updates_lost: int = 0
 
     @property
     def steps_per_second(self) -> float:
@@ -80,12 +86,22 @@ def _client(name: str, namespace: str, client: int, clients: int, num_rows: int,
 
 def run_load(*, num_rows: int, dim: int, shards: int, clients: int, batch: int,
              negatives: int, seconds: float, max_steps: int = 10**9, seed: int = 0,
-             momentum: float = 0.5, namespace: str = NAMESPACE) -> LoadResult:  # fmt: skip
+             momentum: float = 0.5, namespace: str = NAMESPACE,
+             kill_after_s: float | None = None) -> LoadResult:  # fmt: skip
     """One load run against a fresh store (Ray must be initialised); the store is shut down
-    at the end."""
+    at the end.
+
+    With ``kill_after_s``: that long into the load a snapshot is taken and then the last
+    shard's actor killed while the clients keep stepping; it restarts from the snapshot.
+    Its rows are then checked against the model with that rollback: each row must be the
+    snapshot's value (itself a prefix of the row's updates) followed by a suffix of its
+    updates, the ones in between lost (counted), none doubled or torn."""
+    import tempfile
+
     name = f"load-{uuid.uuid4().hex[:8]}"
+    snaps = tempfile.mkdtemp(prefix="npid-load-") if kill_after_s is not None else None
     store = ShardedStore(num_rows, dim, num_shards=shards, momentum=momentum, seed=seed,
-                         name=name, namespace=namespace)  # fmt: skip
+                         name=name, namespace=namespace, snapshot_dir=snaps)  # fmt: skip
     try:
         start = time.perf_counter()
         refs = [
@@ -94,9 +110,17 @@ def run_load(*, num_rows: int, dim: int, shards: int, clients: int, batch: int,
             )
             for c in range(clients)
         ]
+        killed, snapshot_uri = None, None
+        if kill_after_s is not None:
+            time.sleep(kill_after_s)
+            snapshot_uri = store.snapshot()
+            killed = shards - 1
+            ray.kill(ray.get_actor(actor_name(name, killed), namespace=namespace),
+                     no_restart=False)  # fmt: skip
         results = ray.get(refs)
         elapsed = time.perf_counter() - start
         model = MemoryBank(num_rows, dim, momentum=momentum, seed=seed)
+        initial = model.rows.clone()
         touched = []
         for history, _ in results:  # each client's rows are its own: its order is the order
             for ids, feats in history:
@@ -105,16 +129,78 @@ def run_load(*, num_rows: int, dim: int, shards: int, clients: int, batch: int,
         checked = torch.unique(torch.cat(touched)) if touched else torch.zeros(0, dtype=torch.long)
         got, want = store.get(checked), model.get(checked)
         diff = (got - want).abs().amax(dim=1) if len(checked) else torch.zeros(0)
-        return LoadResult(
+        result = LoadResult(
             steps=sum(len(h) for h, _ in results),
             seconds=elapsed,
             latencies=[t for _, lat in results for t in lat],
             rows_checked=len(checked),
-            rows_differing=int((diff > 1e-6).sum()),
-            max_difference=float(diff.max()) if len(diff) else 0.0,
+            rows_differing=0,
+            max_difference=0.0,
+            killed_shard=killed,
         )
+        if killed is not None:  # the killed shard's rows: against the model with rollback
+            lo, hi = store.bounds[killed], store.bounds[killed + 1]
+            mine = (checked >= lo) & (checked < hi)
+            diff = diff[~mine]
+            rolled = check_rolled_back(results, checked[mine], got[mine], initial,
+                                       snapshot_uri, lo, hi, momentum)  # fmt: skip
+            result.rows_differing += rolled[0]
+            result.rows_rolled_back, result.updates_lost = rolled[1], rolled[2]
+        result.rows_differing += int((diff > TOLERANCE).sum())
+        result.max_difference = float(diff.max()) if len(diff) else 0.0
+        return result
     finally:
         store.shutdown()
+        if snaps is not None:
+            import shutil
+
+            shutil.rmtree(snaps, ignore_errors=True)
+
+
+#: Largest difference from the model that counts as equal (float32 arithmetic, same order).
+TOLERANCE = 1e-6
+
+
+def check_rolled_back(results, ids: torch.Tensor, final: torch.Tensor, initial: torch.Tensor,
+                      snapshot_uri: str, lo: int, hi: int,
+                      momentum: float) -> tuple[int, int, int]:  # fmt: skip
+    """``(rows that match no rollback, rows rolled back, updates lost)`` for the rows
+    ``ids`` of a shard that restarted from ``snapshot_uri``: each row's value there must be
+    its first ``i`` updates, and its final value the snapshot's followed by its updates
+    after some ``j >= i`` (``j - i`` lost)."""
+    from featurestore import snapshot
+
+    manifest = snapshot.read_manifest(snapshot_uri)
+    snap = snapshot.read_rows(manifest, lo, hi, torch.empty(hi - lo, initial.shape[1]))
+    updates: dict[int, list[torch.Tensor]] = {int(i): [] for i in ids}
+    for history, _ in results:
+        for step_ids, feats in history:
+            for k in torch.nonzero((step_ids >= lo) & (step_ids < hi)).flatten().tolist():
+                updates[int(step_ids[k])].append(feats[k])
+    one = MemoryBank(1, initial.shape[1], momentum=momentum)
+
+    def replay(value: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        one.set(torch.zeros(1, dtype=torch.long), value[None])
+        for f in feats:
+            one.update(torch.zeros(1, dtype=torch.long), f[None])
+        return one.get(torch.zeros(1, dtype=torch.long))[0]
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return float((a - b).abs().max()) <= TOLERANCE
+
+    bad = rolled = lost = 0
+    for row, value in zip(ids.tolist(), final, strict=True):
+        u, at = updates[row], snap[row - lo]
+        prefixes = [i for i in range(len(u) + 1) if same(replay(initial[row], u[:i]), at)]
+        ends = [(i, j) for i in prefixes for j in range(i, len(u) + 1)
+                if same(replay(at, u[j:]), value)]  # fmt: skip
+        if not ends:
+            bad += 1
+            continue
+        i, j = min(ends, key=lambda e: e[1] - e[0])
+        rolled += j > i
+        lost += j - i
+    return bad, rolled, lost
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,6 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negatives", type=int, default=4096)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="of the local Ray")
+    p.add_argument("--kill-after", type=float, default=None, metavar="SECONDS",
+                   help="snapshot, then kill the last shard this long into the load")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -137,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         r = run_load(num_rows=args.num_rows, dim=args.dim, shards=args.shards,
                      clients=args.clients, batch=args.batch, negatives=args.negatives,
-                     seconds=args.seconds)  # fmt: skip
+                     seconds=args.seconds, kill_after_s=args.kill_after)  # fmt: skip
     finally:
         ray.shutdown()
     print(
@@ -150,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{1e3 * r.quantile(0.99):.1f} | {r.rows_checked} | {r.rows_differing} | "
           f"{r.max_difference:.2e} |")  # fmt: skip
     print(f"median latency {1e3 * statistics.median(r.latencies):.1f} ms")
+    if r.killed_shard is not None:
+        print(f"shard {r.killed_shard} killed after {args.kill_after:g} s (a snapshot just "
+              f"before): {r.rows_rolled_back} of its rows rolled back to the snapshot, "
+              f"{r.updates_lost} updates lost by that rollback; none doubled or torn "
+              f"({r.rows_differing} rows match no rollback)")  # fmt: skip
     return 0 if r.rows_differing == 0 else 1
 
 

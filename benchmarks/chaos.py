@@ -212,13 +212,18 @@ def wait_for_epoch(output: Path, epoch: int, job: str, cluster: Cluster, timeout
     raise TimeoutError(f"epoch {epoch} not reached after {timeout:.0f} s")
 
 
+def start_job(head: Head, entry: list[str], job: str) -> None:
+    """``ray job submit --no-wait --submission-id JOB -- ENTRY``; raises when refused."""
+    done = submit(head, entry, REPO, no_wait=True, submission_id=job)
+    if done.returncode != 0:
+        raise RuntimeError(f"ray job submit {job} failed: {done.stderr[-2000:]}")
+
+
 def run_undisturbed(head: Head, cluster: Cluster, work: Path, seed: int, epochs: int) -> Outcome:
     output = work / f"undisturbed-{seed}"
     job = f"undisturbed-{seed}-{uuid.uuid4().hex[:6]}"
     start = time.monotonic()
-    done = submit(head, entrypoint(output, seed, epochs), REPO, no_wait=True, submission_id=job)
-    if done.returncode != 0:
-        raise RuntimeError(f"ray job submit failed: {done.stderr[-2000:]}")
+    start_job(head, entrypoint(output, seed, epochs), job)
     status = cluster.wait(job, timeout=60 * epochs + 600)
     result = outcome(output, seed, status, time.monotonic() - start)
     result.store_shards_left = len(cluster.actors("ShardActor"))
@@ -243,9 +248,7 @@ def run_chaos(
     output = work / f"chaos-{seed}"
     first = f"chaos-{seed}-{uuid.uuid4().hex[:6]}"
     start = time.monotonic()
-    done = submit(head, entrypoint(output, seed, epochs), REPO, no_wait=True, submission_id=first)
-    if done.returncode != 0:
-        raise RuntimeError(f"ray job submit failed: {done.stderr[-2000:]}")
+    start_job(head, entrypoint(output, seed, epochs), first)
     logs, seen = [], 0
     for k, fault in enumerate(faults):
         wait_for_epoch(output, fault.epoch - 1, first, cluster, timeout=60 * epochs + 600)
@@ -266,12 +269,7 @@ def run_chaos(
             cluster.wait(first, timeout=300)
         time.sleep(1)
     second = f"chaos-{seed}-resume-{uuid.uuid4().hex[:6]}"
-    done = submit(
-        head, entrypoint(output, seed, epochs, resume=True), REPO, no_wait=True,
-        submission_id=second,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"ray job submit --resume failed: {done.stderr[-2000:]}")
+    start_job(head, entrypoint(output, seed, epochs, resume=True), second)
     status = cluster.wait(second, timeout=60 * epochs + 600)
     wall = time.monotonic() - start
     logs.append(cluster.logs(first)[seen:] + cluster.logs(second))  # the stop and the resume

@@ -179,7 +179,7 @@ def test_interrupted_snapshot_leaves_the_previous_one_usable(make_store, tmp_pat
     at_first = all_rows(store)
     lockstep(store, bank, range(2, 4))
 
-    def crash(manifest):  # dies after every shard file is written, before the commit
+    def crash(manifest, **_):  # dies after every shard file is written, before the commit
         assert len(list(Path(manifest.uri).glob("shard-*.parquet"))) == 2
         raise KeyboardInterrupt("killed before the manifest")
 
@@ -360,19 +360,25 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def test_a_full_disk_fails_the_snapshot_in_one_line_and_keeps_the_previous(
-    make_store, small_disk, caplog
-):
-    disk = str(small_disk.path)
-    store = make_store(num_rows=N, dim=D, num_shards=2, seed=31, snapshot_dir=disk,
+def snapshotted(make_store, disk: str, seed: int):
+    """A 2-shard store snapshotting to ``disk`` every 2 steps, stepped twice (one snapshot
+    written): ``(store, features, ids, objective, rows at step 2)``."""
+    store = make_store(num_rows=N, dim=D, num_shards=2, seed=seed, snapshot_dir=disk,
                        snapshot_every_steps=2)  # fmt: skip
-    f, ids, _ = batch(31)
+    f, ids, _ = batch(seed)
     obj = SampledSoftmax(num_negatives=K)
     for _ in range(2):
         store.step(f, ids, obj)
     store.wait_for_snapshots()
+    return store, f, ids, obj, all_rows(store)
+
+
+def test_a_full_disk_fails_the_snapshot_in_one_line_and_keeps_the_previous(
+    make_store, small_disk, caplog
+):
+    disk = str(small_disk.path)
+    store, f, ids, obj, rows_at_2 = snapshotted(make_store, disk, 31)
     (first,) = snapshot_module.list_snapshots(disk)
-    rows_at_2 = all_rows(store)
     small_disk.resize(small_disk.used() + 4096)  # room for a page, not for a snapshot
     with caplog.at_level(logging.ERROR, logger="featurestore.store_snapshots"):
         for _ in range(2):
@@ -401,14 +407,7 @@ def test_a_snapshot_dir_that_loses_write_permission_fails_in_one_line_and_keeps_
 
     disk = str(small_disk.path)
     small_disk.resize(64 << 20)
-    store = make_store(num_rows=N, dim=D, num_shards=2, seed=37, snapshot_dir=disk,
-                       snapshot_every_steps=2)  # fmt: skip
-    f, ids, _ = batch(37)
-    obj = SampledSoftmax(num_negatives=K)
-    for _ in range(2):
-        store.step(f, ids, obj)
-    store.wait_for_snapshots()
-    rows_at_2 = all_rows(store)
+    store, f, ids, obj, rows_at_2 = snapshotted(make_store, disk, 37)
     subprocess.run(["mount", "-o", "remount,ro", disk], check=True)
     try:
         with caplog.at_level(logging.ERROR, logger="featurestore.store_snapshots"):

@@ -20,3 +20,15 @@ def test_concurrent_clients_leave_the_rows_a_sequential_replay_gives(ray_cluster
     assert result.steps == 4 * 15 and len(result.latencies) == result.steps
     assert result.rows_checked > 1000
     assert result.rows_differing == 0, result.max_difference
+
+
+def test_a_shard_killed_mid_load_rolls_back_to_its_snapshot_and_nothing_else(ray_cluster):
+    """A snapshot, then the last shard killed while 4 clients step: every row of that shard
+    is its snapshot value followed by a suffix of its updates (the ones in between lost,
+    counted), every other row the sequential replay; nothing doubled or torn."""
+    result = run_load(num_rows=3000, dim=16, shards=3, clients=4, batch=32, negatives=64,
+                      seconds=60, max_steps=80, namespace="npid-tests",
+                      kill_after_s=1.0)  # fmt: skip
+    assert result.killed_shard == 2 and result.steps == 4 * 80
+    assert result.rows_differing == 0, result
+    assert result.max_difference <= 1e-6

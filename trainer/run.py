@@ -32,7 +32,8 @@ def _raise_terminated(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run; returns the exit code (2 for bad input, 1 for a failed run)."""
+    """Run; returns the exit code (2 for bad input, 1 for a failed run, 143 after SIGTERM,
+    130 after Ctrl-C)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log = logging.getLogger("trainer.run")
     try:
