@@ -29,10 +29,10 @@ PERMANENT = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryEr
 
 
 def transient(err: BaseException) -> bool:
-    """Whether ``err`` from an object store may pass if the write is tried again."""
-    return isinstance(err, OSError | TimeoutError | ConnectionError) and not isinstance(
-        err, PERMANENT
-    )
+    """Whether ``err`` from an object store may pass if the call is tried again (any
+    ``OSError``, timeouts and reset connections included, but :data:`PERMANENT`); the
+    trainer's shard reads (``trainer.data.retrying``) use the same rule."""
+    return isinstance(err, OSError) and not isinstance(err, PERMANENT)
 
 
 def retrying(

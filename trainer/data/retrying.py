@@ -17,10 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-logger = logging.getLogger(__name__)
+from featurestore.write_retries import transient
 
-#: Errors that a retry cannot cure.
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,10 +59,6 @@ class ShardUnreachableError(OSError):
     """A shard stayed unreadable through every retry; the message names it."""
 
 
-def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and not isinstance(exc, PERMANENT)
-
-
 def with_retries(url: str, what: str, call: Callable[[], Any], policy: RetryPolicy) -> Any:
     """``call()``, retried on transient ``OSError`` (backoff per ``policy``).
 
@@ -74,7 +69,7 @@ def with_retries(url: str, what: str, call: Callable[[], Any], policy: RetryPoli
         try:
             return call()
         except Exception as exc:
-            if not _transient(exc):
+            if not transient(exc):
                 raise
             if attempt == policy.attempts:
                 raise ShardUnreachableError(
