@@ -61,7 +61,10 @@ def token_head(cache_dir: Path, num_cpus: int = 2) -> Iterator[Head]:
     """Start a token-authenticated head on loopback; kill it on exit."""
     ray_bin = Path(sys.executable).with_name("ray")
     temp = Path(tempfile.mkdtemp(prefix="npid-head-", dir="/tmp"))  # short: socket paths
-    port, dashboard = free_port(), free_port()
+    # Every port of its own: Ray's dashboard agent listens on 52365 by default, and the
+    # session's other instance (even one started without a dashboard) already holds it;
+    # a head whose agent cannot bind answers every `ray job submit` "No available agent".
+    port, dashboard, agent = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -75,7 +78,7 @@ def token_head(cache_dir: Path, num_cpus: int = 2) -> Iterator[Head]:
         subprocess.run(
             [str(ray_bin), "start", "--head", "--num-cpus", str(num_cpus), "--temp-dir",
              str(temp), "--port", str(port), "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(dashboard)],
+             "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent)],
             check=True, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         yield Head(
@@ -95,12 +98,12 @@ def submit(
     no_wait: bool = False,
     submission_id: str | None = None,
     timeout: float = 420,
-    agent_wait_s: float = 300,
+    agent_wait_s: float = 120,
 ) -> subprocess.CompletedProcess:
     """``ray job submit [--no-wait] --working-dir DIR -- ENTRYPOINT`` as a user types it.
 
-    The head's job agent may still be starting (it took over 60 s on a loaded 2-core
-    machine): Ray's "No available agent" is retried for up to ``agent_wait_s``.
+    The head's job agent may still be starting right after ``ray start``: Ray's "No
+    available agent" is retried for up to ``agent_wait_s``.
     """
     ray_bin = Path(sys.executable).with_name("ray")
     env = {**head.env, "RAY_ADDRESS": ""}  # `ray job submit` names the dashboard
