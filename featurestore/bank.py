@@ -9,7 +9,6 @@ numbers by the same code.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -20,8 +19,8 @@ from torch import Tensor
 from featurestore import arrow_io
 from featurestore.bank_shard import BankShard, initial_rows
 from featurestore.noise import NoiseSpec, local_noise, sample_ids, step_seed
-from featurestore.objectives import NCE, Objective
-from featurestore.statistics import DEFAULT_MEMORY_BUDGET, estimate_z, merge, observed_z
+from featurestore.objectives import Objective
+from featurestore.statistics import DEFAULT_MEMORY_BUDGET, estimate_z, merge
 from featurestore.validation import (
     check_count,
     check_ids,
@@ -210,8 +209,7 @@ class MemoryBank:
         z = self._nce_z(objective, feats, ids, noise)
         part = self._shard.statistics(feats, ids, objective, noise, z, self.num_rows)
         sample_loss, grad = merge([part], feats, objective, z, self.num_rows)
-        if isinstance(objective, NCE) and objective.tracks_z:
-            self._track_z(objective, observed_z([part], feats, objective, self.num_rows))
+        self.z = objective.next_z(self.z, objective.observe_z([part], feats, self.num_rows))
         self._shard.update(ids, feats)
         self.step_count += 1
         return StepOutput.merged(sample_loss, grad, z, out_device)
@@ -233,7 +231,7 @@ class MemoryBank:
 
     def _nce_z(self, objective: Objective, feats: Tensor, ids: Tensor, noise) -> float | None:
         """NCE's Z: the objective's, the bank's, or estimated now (first NCE step)."""
-        if not isinstance(objective, NCE):
+        if not objective.uses_z:
             return None
         if objective.z is not None:
             return float(objective.z)
@@ -245,13 +243,6 @@ class MemoryBank:
             self.z = estimate_z(expsum, s_pos, self.num_rows, pairs)
             logger.info("NCE normalization constant estimated on the first step: Z = %.6g", self.z)
         return self.z
-
-    def _track_z(self, objective: NCE, observation: float) -> None:
-        """``Z ← m·Z + (1 − m)·observation`` (NCE with ``z_momentum``), for the next step."""
-        m = float(objective.z_momentum)
-        if self.z is None or not math.isfinite(observation):
-            return
-        self.z = m * self.z + (1 - m) * observation
 
     def export(self, batch_rows: int = arrow_io.EXPORT_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
         """Stream the bank as Arrow record batches ``(id int64, vector float32[d])``."""

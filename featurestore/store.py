@@ -25,7 +25,7 @@ from torch import Tensor
 from featurestore.bank import PendingStep, StepOutput
 from featurestore.metrics import store_metrics
 from featurestore.objectives import Objective
-from featurestore.shard_actor import StoreConfig, shard_bounds
+from featurestore.shard_protocol import StoreConfig, shard_bounds
 from featurestore.snapshot import latest_snapshot
 from featurestore.statistics import DEFAULT_MEMORY_BUDGET
 from featurestore.store_rows import RowCalls

@@ -21,7 +21,7 @@ from typing import Any
 
 from featurestore import snapshot
 from featurestore.metrics import store_metrics
-from featurestore.shard_actor import StoreConfig
+from featurestore.shard_protocol import StoreConfig
 from featurestore.store_transport import ShardGroup
 from featurestore.validation import dtype_name, storage_dtype
 

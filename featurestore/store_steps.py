@@ -3,7 +3,7 @@
 :class:`StepProtocol` numbers this client's steps (shard 0's replies keep the count shared
 by all clients), derives each step's noise seed, settles NCE's ``Z`` (the objective's, the
 store's, or estimated on the first step from every shard's noise), sends one
-:class:`~featurestore.shard_actor.StepRequest` to every shard, and merges the partial
+:class:`~featurestore.shard_protocol.StepRequest` to every shard, and merges the partial
 statistics of the replies (:func:`~featurestore.statistics.merge`) into the loss and the
 gradient a :class:`~featurestore.MemoryBank` would give. When shard 0 says a snapshot is due,
 the :class:`~featurestore.store_snapshots.SnapshotCoordinator` writes it off this path.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -25,15 +24,15 @@ from torch import Tensor
 from featurestore import wire
 from featurestore.bank import PendingStep, StepOutput
 from featurestore.noise import NoiseSpec, step_seed
-from featurestore.objectives import NCE, Objective
-from featurestore.shard_actor import (
+from featurestore.objectives import Objective
+from featurestore.shard_protocol import (
     UNKNOWN_OBJECTIVE,
     StepControl,
     StepRequest,
     StoreConfig,
     unpack_stats,
 )
-from featurestore.statistics import estimate_z, merge, observed_z
+from featurestore.statistics import estimate_z, merge
 from featurestore.store_snapshots import SnapshotCoordinator
 from featurestore.store_transport import ShardGroup
 from featurestore.validation import check_step
@@ -170,15 +169,13 @@ class StepProtocol:
                 if control.z is not None:
                     self._z = control.z
             sample_loss, grad = merge(parts, feats, objective, z, cfg.num_rows)
-            if isinstance(objective, NCE) and objective.tracks_z:
+            seen = objective.observe_z(parts, feats, cfg.num_rows)
+            if seen is not None:
                 # Fold the observation in now, as shard 0 will when the next step brings it:
                 # this client's next step then uses the Z a MemoryBank would.
-                seen = observed_z(parts, feats, objective, cfg.num_rows)
-                m = float(objective.z_momentum)
                 with self._lock:
                     self._z_observation = seen
-                    if self._z is not None and math.isfinite(seen):
-                        self._z = m * self._z + (1 - m) * seen
+                    self._z = objective.next_z(self._z, seen)
             self._observe("step", time.perf_counter() - start)
             if control.snapshot_due:
                 self._snapshots.start_auto(control.step_count)
@@ -226,7 +223,7 @@ class StepProtocol:
         store_z: float | None,
     ) -> float | None:
         """NCE's Z: the objective's, the store's, or estimated now from this step's noise."""
-        if not isinstance(objective, NCE):
+        if not objective.uses_z:
             return None
         if objective.z is not None:
             return float(objective.z)

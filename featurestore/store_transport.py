@@ -31,7 +31,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from featurestore import wire
 from featurestore.ray_connect import connect
-from featurestore.shard_actor import RemoteShard, ShardStamp, StoreConfig
+from featurestore.shard_actor import RemoteShard
+from featurestore.shard_protocol import ShardStamp, StoreConfig
 
 logger = logging.getLogger(__name__)
 

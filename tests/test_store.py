@@ -18,7 +18,7 @@ from featurestore import metrics as store_metrics_module
 from featurestore.arrow_io import from_record_batch
 from featurestore.bank_shard import BankShard, initial_rows
 from featurestore.noise import NoiseSpec, local_noise, step_seed
-from featurestore.shard_actor import StepRequest
+from featurestore.shard_protocol import StepRequest
 from featurestore.statistics import merge
 from featurestore.store import shard_bounds
 

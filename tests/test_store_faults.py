@@ -20,7 +20,7 @@ from featurestore import NCE, MemoryBank, SampledSoftmax, ShardedStore, wire
 from featurestore import snapshot as snapshot_module
 from featurestore.bank_shard import initial_rows
 from featurestore.noise import NoiseSpec
-from featurestore.shard_actor import StepRequest
+from featurestore.shard_protocol import StepRequest
 from featurestore.store import actor_name
 
 pytestmark = pytest.mark.ray

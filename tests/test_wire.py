@@ -11,7 +11,7 @@ from reference import unit
 from featurestore import NCE, Softmax, wire
 from featurestore.bank_shard import BankShard, initial_rows
 from featurestore.noise import LocalNoise
-from featurestore.shard_actor import ShardStamp, StepControl, pack_stats
+from featurestore.shard_protocol import ShardStamp, StepControl, pack_stats
 
 
 @settings(max_examples=60, deadline=None)

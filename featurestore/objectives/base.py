@@ -1,20 +1,32 @@
-"""Training objectives over a memory bank (Wu et al. §3.1-3.2; README, *Which objective*).
+"""What every objective is: a small frozen config that computes its own partial statistics
+where the rows live and merges them exactly (README, *Which objective*; *The feature
+store*, "move statistics, not rows").
 
-An objective is a small frozen config object: it says *what* to compute. The bank (or a
-store shard) computes partial statistics for it where the rows live
-(:mod:`featurestore.statistics`) and the caller merges them exactly into a loss and
-``∂loss/∂f``. Objectives hold no state; NCE's normalising constant ``Z`` lives in the bank
-or store that estimates it on the first step (unless fixed here through ``z``).
+An objective says *what* to compute and holds no state: NCE's normalising constant ``Z``
+lives in the bank or store that estimates it on the first step (unless fixed through
+``z``). The bank and the store shards call the same three methods, so a new objective is
+one new module in this package (a subclass of :class:`Objective`, registered by its
+``kind``) and its test; nothing outside asks which objective it holds.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from featurestore.noise import LocalNoise
+    from featurestore.partial_stats import PartialStats
+
+#: Every objective class by its ``kind`` (filled as the subclasses are defined).
+REGISTRY: dict[str, type[Objective]] = {}
 
 
-def _check_common(temperature: float, prox_lambda: float) -> None:
+def check_common(temperature: float, prox_lambda: float) -> None:
+    """``ValueError`` unless ``temperature > 0`` and ``prox_lambda >= 0`` are finite."""
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number, got {temperature!r}")
     if temperature <= 0:
@@ -25,7 +37,8 @@ def _check_common(temperature: float, prox_lambda: float) -> None:
         raise ValueError(f"prox_lambda must be >= 0, got {prox_lambda}")
 
 
-def _check_negatives(num_negatives: int) -> None:
+def check_negatives(num_negatives: int) -> None:
+    """``ValueError`` unless ``num_negatives`` is an int >= 1."""
     if isinstance(num_negatives, bool) or not isinstance(num_negatives, int):
         raise ValueError(f"num_negatives must be an int, got {num_negatives!r}")
     if num_negatives < 1:
@@ -34,11 +47,22 @@ def _check_negatives(num_negatives: int) -> None:
 
 @dataclass(frozen=True)
 class Objective:
-    """Base class: fields shared by every objective."""
+    """Base class: the interface the bank and the store shards call.
+
+    Subclasses set ``kind`` (registers them for :meth:`from_dict`) and ``sampled``, and
+    implement :meth:`shard_statistics` and :meth:`merge_terms`; NCE also its ``Z`` rules.
+    """
 
     kind: ClassVar[str] = "base"
     #: Whether the objective scores sampled noise rows (False: all rows).
     sampled: ClassVar[bool] = False
+    #: Whether the objective needs a normalising constant ``Z`` (NCE).
+    uses_z: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind != "base":
+            REGISTRY[cls.kind] = cls
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (for Ray calls, configs and logs)."""
@@ -49,94 +73,60 @@ class Objective:
         """Inverse of :meth:`to_dict`."""
         data = dict(data)
         kind = data.pop("kind", None)
-        classes = {cls.kind: cls for cls in (NCE, Softmax, SampledSoftmax)}
-        if kind not in classes:
-            raise ValueError(f"unknown objective kind {kind!r}; choose from {sorted(classes)}")
-        return classes[kind](**data)
-
-
-@dataclass(frozen=True)
-class Softmax(Objective):
-    """Exact non-parametric softmax over all ``N`` bank rows.
-
-    ``loss = -log(exp(s_i) / Σ_j exp(s_j))`` with ``s_j = v_j·f / temperature``.
-    """
-
-    temperature: float = 0.07
-    prox_lambda: float = 0.0
-
-    kind: ClassVar[str] = "softmax"
-    sampled: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        _check_common(self.temperature, self.prox_lambda)
-
-
-@dataclass(frozen=True)
-class SampledSoftmax(Objective):
-    """Softmax cross-entropy over ``[s_i, s_{n_1} … s_{n_K}]`` with target 0.
-
-    The reference's 2020 update ("InfoNCE with bank negatives"). Noise ids are drawn
-    uniformly from ``[0, N)``, per sample by default or one set per batch with
-    ``shared_noise=True``.
-    """
-
-    num_negatives: int = 4096
-    temperature: float = 0.07
-    prox_lambda: float = 0.0
-    shared_noise: bool = False
-
-    kind: ClassVar[str] = "sampled_softmax"
-    sampled: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        _check_negatives(self.num_negatives)
-        _check_common(self.temperature, self.prox_lambda)
-
-
-@dataclass(frozen=True)
-class NCE(Objective):
-    """Noise-contrastive estimation (paper §3.2; reference ``NCEAverage`` + ``NCECriterion``).
-
-    ``P(j|f) = exp(s_j) / Z``, ``h(j) = P(j|f) / (P(j|f) + K/N + eps)``; per positive
-    ``-log h(i) - Σ_k log((K/N) / (P(n_k|f) + K/N + eps))``, averaged over the batch.
-    ``z=None`` lets the bank estimate ``Z = N · mean(exp(s))`` on its first NCE step; a number
-    fixes it. With ``z_momentum=None`` (the paper's and the reference's choice) the first
-    estimate is kept for the whole run. With ``z_momentum=m`` (0.99 in later instance
-    discrimination code) ``Z`` follows the features: after every step
-    ``Z ← m·Z + (1 − m)·N·mean(exp(s))`` over that step's ``B·(K+1)`` scored pairs, used from
-    the next step on (one step late, so a step stays one round trip to the store).
-    """
-
-    num_negatives: int = 4096
-    temperature: float = 0.07
-    prox_lambda: float = 0.0
-    z: float | None = None
-    eps: float = 1e-7
-    shared_noise: bool = False
-    z_momentum: float | None = None
-
-    kind: ClassVar[str] = "nce"
-    sampled: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        _check_negatives(self.num_negatives)
-        _check_common(self.temperature, self.prox_lambda)
-        if self.z is not None and not (math.isfinite(self.z) and self.z > 0):
-            raise ValueError(f"z must be a finite positive number or None, got {self.z!r}")
-        if not (math.isfinite(self.eps) and self.eps >= 0):
-            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
-        if self.z_momentum is not None and not (
-            isinstance(self.z_momentum, (int, float)) and 0 <= self.z_momentum < 1
-        ):
-            raise ValueError(f"z_momentum must be None or in [0, 1), got {self.z_momentum!r}")
-        if self.z_momentum is not None and self.z is not None:
-            raise ValueError("z_momentum re-estimates Z: it cannot be combined with a fixed z")
+        if kind not in REGISTRY:
+            raise ValueError(f"unknown objective kind {kind!r}; choose from {sorted(REGISTRY)}")
+        return REGISTRY[kind](**data)
 
     @property
     def tracks_z(self) -> bool:
-        """Whether ``Z`` is re-estimated after every step (``z_momentum`` set)."""
-        return self.z_momentum is not None
+        """Whether ``Z`` is re-estimated after every step (NCE with ``z_momentum``)."""
+        return False
+
+    def shard_statistics(
+        self,
+        out: PartialStats,
+        rows: Tensor,
+        lo: int,
+        feats: Tensor,
+        noise: LocalNoise | None,
+        z: float | None,
+        num_rows: int,
+        memory_budget: int,
+    ) -> None:
+        """Fill ``out``'s fields for this objective from a shard's rows.
+
+        Args:
+            out: the shard's :class:`PartialStats` (positives already set).
+            rows: ``[n, d]`` the shard's rows (global ids ``[lo, lo + n)``), any float dtype.
+            lo: global id of ``rows[0]``.
+            feats: ``[B, d]`` float32 queries on the rows' device.
+            noise: this shard's noise (None when not :attr:`sampled`).
+            z: the normalising constant (when :attr:`uses_z`).
+            num_rows: ``N``, rows in the whole bank.
+            memory_budget: bytes of temporary score tensors for an all-rows objective.
+        """
+        raise NotImplementedError
+
+    def merge_terms(
+        self,
+        parts: list[PartialStats],
+        pos: Tensor,
+        s_pos: Tensor,
+        z: float | None,
+        num_rows: int | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample loss ``[B]`` and ``∂loss/∂f`` ``[B, d]`` (not yet divided by ``B``, no
+        proximal term) from every shard's parts, the positives' old rows ``pos`` ``[B, d]``
+        and their scores ``s_pos = pos·f / τ`` ``[B]``."""
+        raise NotImplementedError
+
+    def observe_z(self, parts: list[PartialStats], feats: Tensor, num_rows: int) -> float | None:
+        """This step's observation of ``Z`` for a running estimate (None: not tracked)."""
+        return None
+
+    def next_z(self, z: float | None, observation: float | None) -> float | None:
+        """``Z`` for the next step after ``observation`` (unchanged unless tracked)."""
+        return z
 
 
-__all__ = ["NCE", "Objective", "SampledSoftmax", "Softmax"]
+__all__ = ["REGISTRY", "Objective", "check_common", "check_negatives"]
