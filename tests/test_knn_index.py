@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import featurestore.knn.index as index_module
+import featurestore.knn.backends as backend_choice
 from featurestore.knn import KnnIndex
 
 
@@ -50,8 +50,8 @@ def test_flat_matches_brute_force(backend: str, k: int) -> None:
 @pytest.mark.parametrize("bank_block", [113, 700, 1 << 16])  # blocks with/without candidates
 @pytest.mark.parametrize("k", [1, 5, 50])
 def test_cpu_heap_search_across_blocks(monkeypatch, bank_block: int, k: int) -> None:
-    monkeypatch.setattr(index_module, "_BANK_BLOCK", {"cpu": bank_block, "cuda": bank_block})
-    monkeypatch.setattr(index_module, "_BLOCK_BUDGET", {"cpu": bank_block * 7, "cuda": 1})
+    monkeypatch.setattr(backend_choice, "_BANK_BLOCK", {"cpu": bank_block, "cuda": bank_block})
+    monkeypatch.setattr(backend_choice, "_BLOCK_BUDGET", {"cpu": bank_block * 7, "cuda": 1})
     index = KnnIndex(dim=24, backend="torch", device="cpu")
     index.add(BANK)
     assert_same_search(index, QUERIES, BANK, k)
@@ -72,12 +72,12 @@ def test_exact_search_with_tied_similarities(monkeypatch, use_faiss: bool) -> No
 
 
 def test_torch_topk_search_without_faiss(monkeypatch, caplog) -> None:
-    monkeypatch.setattr(index_module, "_faiss_module", None)
-    monkeypatch.setattr(index_module, "_faiss_tried", False)
-    monkeypatch.setattr(index_module, "_BANK_BLOCK", {"cpu": 997, "cuda": 997})
-    monkeypatch.setattr(index_module, "_BLOCK_BUDGET", {"cpu": 997 * 9, "cuda": 997 * 9})
+    monkeypatch.setattr(backend_choice, "_faiss_module", None)
+    monkeypatch.setattr(backend_choice, "_faiss_tried", False)
+    monkeypatch.setattr(backend_choice, "_BANK_BLOCK", {"cpu": 997, "cuda": 997})
+    monkeypatch.setattr(backend_choice, "_BLOCK_BUDGET", {"cpu": 997 * 9, "cuda": 997 * 9})
     monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # import faiss -> ImportError
-    with caplog.at_level(logging.WARNING, logger="featurestore.knn.index"):
+    with caplog.at_level(logging.WARNING, logger="featurestore.knn.backends"):
         index = KnnIndex(dim=24, kind="ivf", device="cpu")  # falls back to exact search
     assert index.backend == "torch"
     assert "faiss" in caplog.text

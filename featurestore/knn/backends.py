@@ -267,3 +267,81 @@ class _FaissBackend:
         sims, pos = torch.from_numpy(dist), torch.from_numpy(pos)
         sims[pos < 0] = float("-inf")
         return sims, pos
+
+
+def make_backend(
+    dim: int,
+    kind: str,
+    nprobe: int,
+    nlist: int | None,
+    device: str | torch.device | None,
+    backend: str,
+) -> _FaissBackend | _TorchBackend:
+    """The backend for an index of ``dim`` columns (the rules: :mod:`featurestore.knn.index`)."""
+    faiss = _import_faiss()
+    num_faiss_gpus = faiss.get_num_gpus() if faiss is not None else 0
+    if device is None:
+        want_gpu = num_faiss_gpus > 0 or torch.cuda.is_available()
+        cuda = torch.device("cuda", 0)
+    else:
+        try:
+            cuda = torch.device(device)
+        except (RuntimeError, TypeError):
+            cuda = None
+        if cuda is None or cuda.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be None, 'cpu' or a CUDA device, got {device!r}")
+        want_gpu = cuda.type == "cuda"
+        if want_gpu and num_faiss_gpus == 0 and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but no CUDA device is available")
+    gpu_index = cuda.index or 0
+
+    faiss_gpu_ok = want_gpu and num_faiss_gpus > 0
+    use_faiss = backend == "faiss" or (
+        backend == "auto" and faiss is not None and (faiss_gpu_ok or kind == "ivf")
+    )
+    if use_faiss:
+        if faiss is None:
+            raise ValueError("backend='faiss' but the faiss package cannot be imported")
+        if want_gpu and num_faiss_gpus == 0 and device is not None:
+            raise ValueError(f"backend='faiss' with device={device!r} needs a FAISS GPU build")
+        faiss_gpu = gpu_index if want_gpu and num_faiss_gpus > 0 else None
+        return _FaissBackend(faiss, dim, kind, nlist, nprobe, faiss_gpu)
+    if kind == "ivf":
+        if backend == "torch":
+            raise ValueError("backend='torch' supports kind='flat' only")
+        logger.warning("faiss is unavailable: kind='ivf' falls back to exact torch search")
+    torch_device = torch.device("cuda", gpu_index) if want_gpu else torch.device("cpu")
+    heap_faiss = faiss if torch_device.type == "cpu" else None
+    return _TorchBackend(
+        dim,
+        torch_device,
+        heap_faiss,
+        nprobe,
+        bank_block=_BANK_BLOCK[torch_device.type],
+        block_budget=_BLOCK_BUDGET[torch_device.type],
+    )
+
+
+# ---------------------------------------------------------------------- backend choice
+_BANK_BLOCK = {"cpu": 1 << 16, "cuda": 1 << 20}  # exact search: bank rows per matmul block
+_BLOCK_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 28}  # exact search: similarities per block
+
+_faiss_module: ModuleType | None = None
+_faiss_tried = False
+
+
+def _import_faiss() -> ModuleType | None:
+    """The faiss module, or ``None`` (with one logged warning) when it cannot be imported."""
+    global _faiss_module, _faiss_tried
+    if not _faiss_tried:
+        _faiss_tried = True
+        # faiss.loader logs each instruction set it tries (a ModuleNotFoundError for AVX512
+        # on most CPUs) at INFO: import noise, not news.
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        try:
+            import faiss
+
+            _faiss_module = faiss
+        except ImportError as err:
+            logger.warning("faiss cannot be imported (%s): using torch top-k search", err)
+    return _faiss_module

@@ -25,8 +25,8 @@ The index keeps its own position -> id array, so ids are any distinct non-negati
 ``-1`` is reserved for "no neighbour" (IVF can return fewer than ``k`` candidates; those slots
 get id ``-1`` and similarity ``-inf``).
 
-This module holds :class:`KnnIndex`, input checks and the choice of backend (with the lazy
-FAISS import and the torch block sizes); the backends themselves are in
+This module holds :class:`KnnIndex` and its input checks; the backends, and the choice
+among them (with the lazy FAISS import and the torch block sizes), are in
 :mod:`featurestore.knn.backends`, Arrow batch parsing in :mod:`featurestore.knn.arrow_input`.
 """
 
@@ -35,14 +35,13 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterable
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 
 from featurestore.knn.arrow_input import _iter_arrow_batches
-from featurestore.knn.backends import _FaissBackend, _TorchBackend
+from featurestore.knn.backends import make_backend
 
 __all__ = ["KnnIndex"]
 
@@ -89,7 +88,7 @@ class KnnIndex:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         self.dim = dim
         self.kind = kind
-        self._impl = _make_backend(dim, kind, nprobe, nlist, device, backend)
+        self._impl = make_backend(dim, kind, nprobe, nlist, device, backend)
         self._id_chunks: list[np.ndarray] = []
         self._id_array: np.ndarray | None = np.empty(0, dtype=np.int64)
         self._max_id = -1
@@ -337,80 +336,3 @@ def _check_matrix(x: Any, name: str, dim: int) -> torch.Tensor:
     if x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return x
-
-
-def _make_backend(
-    dim: int,
-    kind: str,
-    nprobe: int,
-    nlist: int | None,
-    device: str | torch.device | None,
-    backend: str,
-) -> _FaissBackend | _TorchBackend:
-    faiss = _import_faiss()
-    num_faiss_gpus = faiss.get_num_gpus() if faiss is not None else 0
-    if device is None:
-        want_gpu = num_faiss_gpus > 0 or torch.cuda.is_available()
-        cuda = torch.device("cuda", 0)
-    else:
-        try:
-            cuda = torch.device(device)
-        except (RuntimeError, TypeError):
-            cuda = None
-        if cuda is None or cuda.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be None, 'cpu' or a CUDA device, got {device!r}")
-        want_gpu = cuda.type == "cuda"
-        if want_gpu and num_faiss_gpus == 0 and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but no CUDA device is available")
-    gpu_index = cuda.index or 0
-
-    faiss_gpu_ok = want_gpu and num_faiss_gpus > 0
-    use_faiss = backend == "faiss" or (
-        backend == "auto" and faiss is not None and (faiss_gpu_ok or kind == "ivf")
-    )
-    if use_faiss:
-        if faiss is None:
-            raise ValueError("backend='faiss' but the faiss package cannot be imported")
-        if want_gpu and num_faiss_gpus == 0 and device is not None:
-            raise ValueError(f"backend='faiss' with device={device!r} needs a FAISS GPU build")
-        faiss_gpu = gpu_index if want_gpu and num_faiss_gpus > 0 else None
-        return _FaissBackend(faiss, dim, kind, nlist, nprobe, faiss_gpu)
-    if kind == "ivf":
-        if backend == "torch":
-            raise ValueError("backend='torch' supports kind='flat' only")
-        logger.warning("faiss is unavailable: kind='ivf' falls back to exact torch search")
-    torch_device = torch.device("cuda", gpu_index) if want_gpu else torch.device("cpu")
-    heap_faiss = faiss if torch_device.type == "cpu" else None
-    return _TorchBackend(
-        dim,
-        torch_device,
-        heap_faiss,
-        nprobe,
-        bank_block=_BANK_BLOCK[torch_device.type],
-        block_budget=_BLOCK_BUDGET[torch_device.type],
-    )
-
-
-# ---------------------------------------------------------------------- backend choice
-_BANK_BLOCK = {"cpu": 1 << 16, "cuda": 1 << 20}  # exact search: bank rows per matmul block
-_BLOCK_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 28}  # exact search: similarities per block
-
-_faiss_module: ModuleType | None = None
-_faiss_tried = False
-
-
-def _import_faiss() -> ModuleType | None:
-    """The faiss module, or ``None`` (with one logged warning) when it cannot be imported."""
-    global _faiss_module, _faiss_tried
-    if not _faiss_tried:
-        _faiss_tried = True
-        # faiss.loader logs each instruction set it tries (a ModuleNotFoundError for AVX512
-        # on most CPUs) at INFO: import noise, not news.
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-        try:
-            import faiss
-
-            _faiss_module = faiss
-        except ImportError as err:
-            logger.warning("faiss cannot be imported (%s): using torch top-k search", err)
-    return _faiss_module
