@@ -109,7 +109,7 @@ def test_the_exported_encoder_carries_its_preprocessing_and_encodes_as_the_servi
 
     from knn_service.encoders import load_encoder_from
     from trainer.data.decode import decode_image
-    from trainer.models import encode_images
+    from trainer.encoder_export import encode_images
 
     src = colour_class_folder(tmp_path / "src", 32, seed=3)
     make_shards(src, tmp_path / "shards", shard_size=40, progress=False)

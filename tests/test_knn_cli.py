@@ -20,9 +20,10 @@ from knn_service.cli import run
 from trainer.checkpoints import TrainState, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import ShardIndex, eval_loader
+from trainer.encoder_export import export_encoder, load_encoder
 from trainer.evaluation import extract_features, index_from_export, knn_accuracy
 from trainer.make_shards import make_shards
-from trainer.models import EncoderConfig, build_encoder, export_encoder, load_encoder
+from trainer.models import EncoderConfig, build_encoder
 from trainer.transforms import build_transform
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

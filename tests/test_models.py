@@ -15,19 +15,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from trainer.encoder_export import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    export_encoder,
+    load_encoder,
+    read_export_config,
+)
 from trainer.models import (
     ARCHS,
-    CONFIG_FILE,
     CONVNET_WIDTHS,
-    WEIGHTS_FILE,
     EncoderConfig,
     ResNetEncoder,
     SmallConvNet,
     build_encoder,
     encoder_num_params,
-    export_encoder,
-    load_encoder,
-    read_export_config,
 )
 
 

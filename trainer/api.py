@@ -16,6 +16,7 @@ from trainer.data.decode import decode_image
 from trainer.data.index import ShardIndex, load_index, read_index_table
 from trainer.data.segments import read_image_bytes as read_shard_images
 from trainer.data.sources import builtin_name
+from trainer.encoder_export import CONFIG_FILE, load_encoder, read_export_config
 from trainer.evaluation import (
     EVAL_BATCH,
     EvalSetup,
@@ -24,14 +25,7 @@ from trainer.evaluation import (
     extract_features,
     index_from_export,
 )
-from trainer.models import (
-    CONFIG_FILE,
-    EncoderConfig,
-    build_encoder,
-    load_encoder,
-    pooled_trunk,
-    read_export_config,
-)
+from trainer.models import EncoderConfig, build_encoder, pooled_trunk
 from trainer.run_record import local_bank_state, read_run_record
 from trainer.transforms import DEFAULT_SIZE, PRESETS, build_transform
 

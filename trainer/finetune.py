@@ -160,8 +160,9 @@ def pretrained(location: str, preset: str) -> tuple[dict[str, Any], dict[str, st
     """``(EncoderConfig dict, weights source)`` of ``--checkpoint location``, the weights
     checked to load into that encoder; raises :class:`ConfigError` (one line)."""
     from trainer.checkpoints import STATE_FILE, latest_checkpoint, load_checkpoint
+    from trainer.encoder_export import CONFIG_FILE, read_export_config
     from trainer.finetune_loop import load_weights
-    from trainer.models import CONFIG_FILE, EncoderConfig, build_encoder, read_export_config
+    from trainer.models import EncoderConfig, build_encoder
 
     where, flag = Path(location), f"--checkpoint {location}"
     if not where.is_dir():
