@@ -46,13 +46,15 @@ from trainer.data.decode import decode_image
 from trainer.data.memory_loader import CachedLoader
 from trainer.data.order import _mix
 from trainer.data.segments import read_image_bytes
+from trainer.encoder_export import WEIGHTS_FILE
 from trainer.evaluation import EvalSetup, Split, eval_batches
-from trainer.loop import learning_rate, load_split
+from trainer.loop import learning_rate
 from trainer.metrics import append_jsonl
-from trainer.models import WEIGHTS_FILE, EncoderConfig, build_encoder, pooled_trunk
+from trainer.models import EncoderConfig, build_encoder, pooled_trunk
 from trainer.plan import RunPlan
 from trainer.runtime import Runtime
 from trainer.transforms import build_transform
+from trainer.worker import load_split
 
 logger = logging.getLogger(__name__)
 

@@ -13,37 +13,37 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from featurestore import MemoryBank
 from featurestore.files import is_url
-from trainer.augment import build_batch_transform
 from trainer.checkpoints import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import ShardIndex, train_loader
-from trainer.data.cache import load_decoded
-from trainer.data.device_batches import DeviceBatches, resolve_decode
-from trainer.data.memory_loader import CachedLoader
 from trainer.data.order import _mix
-from trainer.evaluation import EvalSetup, Split, evaluate, index_from_export
+from trainer.encoder_export import export_encoder
+from trainer.evaluation import evaluate, index_from_export
 from trainer.guard import DivergenceWatch, TrainingStoppedError
 from trainer.metrics import append_jsonl, truncate_jsonl_after
 from trainer.mixing import LabelMixing, mixing_warning
-from trainer.models import EncoderConfig, build_encoder, export_encoder
-from trainer.parametric import InstanceClassifier, head_state, load_head_state, with_head
-from trainer.plan import RunPlan
+from trainer.models import EncoderConfig
+from trainer.parametric import head_state, load_head_state
 from trainer.run_record import snapshot_for_checkpoint
-from trainer.runtime import Metrics, Runtime
-from trainer.transforms import build_transform
+from trainer.runtime import Runtime
+
+# What a worker holds and how it is built; these names import from here as before.
+from trainer.worker import (  # noqa: F401
+    Worker,
+    build_optimizer,
+    load_split,
+    setup,
+    train_batches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,120 +60,6 @@ def learning_rate(cfg: TrainConfig, epoch: int, epochs: int) -> float:
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / max(1, epochs)))
     drops = sum(1 for f in MILESTONES if int(f * epochs) > 0 and epoch >= int(f * epochs))
     return cfg.lr * (0.1**drops)
-
-
-@dataclass
-class Worker:
-    """What one worker holds for the run."""
-
-    cfg: TrainConfig
-    plan: RunPlan
-    runtime: Runtime
-    metrics: Metrics
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    bank: object  # ShardedStore or MemoryBank (the same interface); None: --objective parametric
-    train: Split
-    val: Split | None
-    """The datasets, read once per worker (index, and pixels when held decoded)."""
-
-    @property
-    def rank(self) -> int:
-        return self.runtime.rank
-
-    @property
-    def world(self) -> int:
-        return self.runtime.world
-
-    @property
-    def device(self) -> torch.device:
-        return self.runtime.device
-
-    @property
-    def network(self) -> nn.Module:
-        """The model without its torch.compile and DDP wrappers (with --objective parametric
-        the encoder and its classifier, :class:`~trainer.parametric.InstanceClassifier`)."""
-        model = getattr(self.model, "_orig_mod", self.model)
-        return getattr(model, "module", model)
-
-    @property
-    def encoder(self) -> nn.Module:
-        """The bare encoder."""
-        network = self.network
-        return network.encoder if isinstance(network, InstanceClassifier) else network
-
-    def eval_setup(self) -> EvalSetup:
-        """How this run encodes and votes."""
-        return EvalSetup(
-            preset=self.plan.preset,
-            image_size=self.plan.image_size,
-            dim=self.cfg.low_dim,
-            device=self.device,
-            num_classes=self.plan.num_classes,
-            k=self.cfg.knn_k,
-            temperature=self.cfg.nce_t,
-            autocast=self.cfg.autocast,
-        )
-
-
-def _open_bank(cfg: TrainConfig, plan: RunPlan, device: torch.device):
-    if cfg.resolved_bank == "none":  # --objective parametric: the classifier replaces it
-        return None
-    if cfg.resolved_bank == "local":  # in-process bank (the local launcher, benchmarks)
-        return MemoryBank(
-            plan.num_rows,
-            cfg.low_dim,
-            momentum=cfg.nce_m,
-            seed=cfg.seed,
-            dtype=cfg.store_dtype,
-            device=device,
-        )
-    from featurestore.store import ShardedStore  # Ray: the store client
-
-    return ShardedStore.attach(plan.store_name)
-
-
-def load_split(index: ShardIndex, plan: RunPlan, cfg: TrainConfig, device: torch.device) -> Split:
-    """``index``'s split, its decoded pixels held (on ``device`` or the CPU, as the plan's
-    data cache says) or streamed from the shards."""
-    if plan.data_cache == "off":
-        return Split(index)
-    where = device if plan.data_cache == "device" else torch.device("cpu")
-    return Split(index, load_decoded(index, workers=cfg.loader_workers).to(where))
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD with momentum and weight decay, fused (one kernel for all parameters, on CUDA and
-    CPU) where this torch supports it for the parameters' device."""
-    kwargs = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    try:
-        return torch.optim.SGD(model.parameters(), fused=True, **kwargs)
-    except (RuntimeError, TypeError) as exc:  # an older torch or an unsupported device
-        logger.info("fused SGD unavailable (%s): using the foreach implementation", exc)
-        return torch.optim.SGD(model.parameters(), **kwargs)
-
-
-def setup(loop_config: dict, runtime: Runtime) -> Worker:
-    """Build this worker's model, optimizer, bank client and datasets."""
-    cfg = TrainConfig.from_dict(loop_config["config"])
-    plan = RunPlan.from_dict(loop_config["plan"])
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // runtime.world))
-    torch.manual_seed(cfg.seed)
-    model = build_encoder(**EncoderConfig.for_preset(plan.arch, cfg.low_dim, plan.preset).to_dict())
-    model = with_head(model, plan.objective, plan.num_rows, cfg.low_dim)  # parametric: + head
-    # channels_last: oneDNN's and cuDNN's fast convolution layout (1.4x for the small
-    # encoder on a 2-core CPU, measured).
-    model = runtime.prepare_model(model.to(memory_format=torch.channels_last))
-    optimizer = build_optimizer(model, cfg)
-    if cfg.compile:
-        model = torch.compile(model)
-    device = runtime.device
-    train = load_split(ShardIndex.load(plan.train_data), plan, cfg, device)
-    val = None
-    if plan.val_data is not None:
-        val = load_split(ShardIndex.load(plan.val_data), plan, cfg, device)
-    bank = _open_bank(cfg, plan, device)
-    return Worker(cfg, plan, runtime, runtime.metrics(), model, optimizer, bank, train, val)
 
 
 def resume(w: Worker) -> tuple[int, int]:
@@ -227,48 +113,6 @@ def evaluate_knn(w: Worker, recompute: bool = False) -> dict[str, float]:
     w.metrics.gauge("knn_top1", result["knn_top1"])
     w.metrics.gauge("knn_top5", result["knn_top5"])
     return result
-
-
-def train_batches(w: Worker):
-    """This rank's training loader: its part of every epoch, train transform, batch
-    ``global batch / world``; from the decoded pixels when held, else the shards. Streamed
-    images of one size (and any images with ``--decode gpu``) are augmented on the device
-    by the same batched transform as the decoded cache's."""
-    batch = w.cfg.resolved_batch_size // w.world
-    if w.train.pixels is not None:
-        return CachedLoader(
-            w.train.pixels,
-            batch,
-            build_batch_transform(w.plan.preset, train=True, image_size=w.plan.image_size),
-            train=True,
-            rank=w.rank,
-            world_size=w.world,
-            seed=w.cfg.seed,
-            device=w.device,
-        )
-    meta = w.train.index.meta
-    fixed = bool(meta.get("image_size_min")) and meta.get("image_size_min") == meta.get(
-        "image_size_max"
-    )
-    decode = resolve_decode(w.cfg.decode, w.device, fixed, cached=False)
-    on_device = decode == "gpu" or fixed  # the in-memory path's batched augmentation
-    loader = train_loader(
-        w.train.index,
-        batch,
-        None if on_device else build_transform(w.plan.preset, True, w.plan.image_size),
-        rank=w.rank,
-        world_size=w.world,
-        num_workers=w.cfg.loader_workers,
-        seed=w.cfg.seed,
-        shuffle_buffer=w.cfg.shuffle_buffer,
-        open_shards=w.cfg.open_shards,
-        pin_memory=w.device.type == "cuda" and not on_device,
-        output=("bytes" if decode == "gpu" else "pixels") if on_device else "tensor",
-    )
-    if not on_device:
-        return loader
-    transform = build_batch_transform(w.plan.preset, train=True, image_size=w.plan.image_size)
-    return DeviceBatches(loader, transform, w.device, seed=w.cfg.seed, rank=w.rank)
 
 
 @contextlib.contextmanager
