@@ -276,6 +276,21 @@ class MemoryBank:
         self.z = state.get("z")
         self.step_count = int(state.get("step", 0))
 
+    #: The rows live in this process (the step's math runs here, on every thread).
+    in_process = True
+
+    def checkpoint_state(self, snapshot_uri: str | None = None) -> dict:
+        """What a training checkpoint keeps of the bank: ``{"bank": state_dict()}``
+        (``snapshot_uri`` is the store's and unused here)."""
+        return {"bank": self.state_dict()}
+
+    def restore_checkpoint(self, state: dict, source: str) -> None:
+        """Load what :meth:`checkpoint_state` kept (``source``: the checkpoint, for the
+        error when it holds no in-process bank)."""
+        if state.get("bank") is None:
+            raise ValueError(f"checkpoint {source} holds no in-process bank to restore")
+        self.load_state_dict(state["bank"])
+
     def __repr__(self) -> str:
         return (
             f"MemoryBank(num_rows={self.num_rows}, dim={self.dim}, momentum={self.momentum}, "

@@ -29,7 +29,7 @@ from featurestore.shard_protocol import StoreConfig, shard_bounds
 from featurestore.snapshot import latest_snapshot
 from featurestore.statistics import DEFAULT_MEMORY_BUDGET
 from featurestore.store_rows import RowCalls
-from featurestore.store_snapshots import SnapshotCoordinator, config_from_snapshot
+from featurestore.store_snapshots import SnapshotCalls, SnapshotCoordinator, config_from_snapshot
 from featurestore.store_steps import StepProtocol
 from featurestore.store_transport import (
     DEFAULT_NAMESPACE,
@@ -46,7 +46,7 @@ from featurestore.validation import dtype_name, storage_dtype
 logger = logging.getLogger(__name__)
 
 
-class ShardedStore(RowCalls):
+class ShardedStore(RowCalls, SnapshotCalls):
     """The memory bank as ``num_shards`` Ray actors (same interface as ``MemoryBank``).
 
     Args:
@@ -355,30 +355,6 @@ class ShardedStore(RowCalls):
         """
         self._check_open()
         return self._steps.start(feats, ids, objective, noise_ids, seed)
-
-    # -------------------------------------------------------------- snapshots
-
-    def snapshot(self, uri: str | None = None) -> str:
-        """Write a snapshot (one Parquet file per shard, in parallel, then the manifest) to
-        ``uri`` or a new ``snapshot_dir/step-<step>``; returns its URI (for :meth:`restore`).
-
-        Raises:
-            ValueError: no ``uri`` and no ``snapshot_dir``; FileExistsError: ``uri`` already
-                holds a complete snapshot.
-        """
-        self._check_open()
-        return self._snapshots.take(uri)
-
-    def wait_for_snapshots(self, timeout: float | None = None) -> None:
-        """Until the automatic snapshot being written in the background (if any) ended."""
-        self._snapshots.wait(timeout)
-
-    def load_snapshot(self, uri: str) -> None:
-        """Replace the store's rows, ``Z`` and step counter with the snapshot at ``uri`` (any
-        shard count; this store's rows and dim, else ``ValueError``; a missing snapshot is
-        ``FileNotFoundError``). See :meth:`SnapshotCoordinator.load`."""
-        self._check_open()
-        self._snapshots.load(uri)
 
     # -------------------------------------------------------------- lifecycle
 

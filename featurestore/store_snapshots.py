@@ -231,3 +231,48 @@ class SnapshotCoordinator:
 
 
 __all__ = ["SnapshotCoordinator"]
+
+
+class SnapshotCalls:
+    """The store's snapshot methods, and its part of the bank interface's checkpoint
+    (:class:`featurestore.bank_protocol.Bank`): a checkpoint names a snapshot."""
+
+    _snapshots: SnapshotCoordinator
+    # and from the store: _check_open()
+
+    #: The rows live in the shard actors, not in this process.
+    in_process = False
+
+    def snapshot(self, uri: str | None = None) -> str:
+        """Write a snapshot (one Parquet file per shard, in parallel, then the manifest) to
+        ``uri`` or a new ``snapshot_dir/step-<step>``; returns its URI (for :meth:`restore`).
+
+        Raises:
+            ValueError: no ``uri`` and no ``snapshot_dir``; FileExistsError: ``uri`` already
+                holds a complete snapshot.
+        """
+        self._check_open()
+        return self._snapshots.take(uri)
+
+    def wait_for_snapshots(self, timeout: float | None = None) -> None:
+        """Until the automatic snapshot being written in the background (if any) ended."""
+        self._snapshots.wait(timeout)
+
+    def load_snapshot(self, uri: str) -> None:
+        """Replace the store's rows, ``Z`` and step counter with the snapshot at ``uri`` (any
+        shard count; this store's rows and dim, else ``ValueError``; a missing snapshot is
+        ``FileNotFoundError``). See :meth:`SnapshotCoordinator.load`."""
+        self._check_open()
+        self._snapshots.load(uri)
+
+    def checkpoint_state(self, snapshot_uri: str | None = None) -> dict[str, Any]:
+        """What a training checkpoint keeps of the store: ``{"store_snapshot": URI}`` of a
+        snapshot taken now (to ``snapshot_uri``, or a new one under ``snapshot_dir``)."""
+        return {"store_snapshot": self.snapshot(snapshot_uri)}
+
+    def restore_checkpoint(self, state: dict[str, Any], source: str) -> None:
+        """Load the snapshot a :meth:`checkpoint_state` named (``source``: the checkpoint,
+        for the error when it names none)."""
+        if state.get("store_snapshot") is None:
+            raise ValueError(f"checkpoint {source} names no store snapshot to restore")
+        self.load_snapshot(state["store_snapshot"])

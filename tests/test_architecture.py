@@ -65,7 +65,7 @@ def test_serving_does_not_import_the_shard_writer_or_the_training_loop(graph):
 #: with the Ray launcher or the store (ARCHITECTURE.md, "Where Ray is touched").
 RAY_DOORS = (
     ("trainer.loop", "trainer.ray_runtime"),  # run_worker under Ray Train
-    ("trainer.worker", "featurestore.store"),  # _open_bank with --bank store
+    ("trainer.worker", "featurestore.store"),  # open_bank with --bank store
     ("trainer.metrics", "ray"),  # TrainMetrics, created in Ray Train workers only
     ("trainer.metrics", "featurestore.metrics"),  # the same constructor
 )

@@ -19,9 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from featurestore import MemoryBank
 from featurestore.files import is_url
 from trainer.checkpoints import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
@@ -33,7 +31,7 @@ from trainer.metrics import append_jsonl, truncate_jsonl_after
 from trainer.mixing import LabelMixing, mixing_warning
 from trainer.models import EncoderConfig
 from trainer.parametric import head_state, load_head_state
-from trainer.run_record import snapshot_for_checkpoint
+from trainer.run_record import checkpoint_bank
 from trainer.runtime import Runtime
 
 # What a worker holds and how it is built; these names import from here as before.
@@ -82,14 +80,10 @@ def resume(w: Worker) -> tuple[int, int]:
     load_head_state(w.network, state.head, str(source))
     w.optimizer.load_state_dict(state.optimizer)
     if w.rank == 0:
-        if isinstance(w.bank, MemoryBank):
-            if state.bank is None:
-                raise ValueError(f"checkpoint {source} holds no in-process bank to restore")
-            w.bank.load_state_dict(state.bank)  # the in-process bank's rows, Z and step
-        elif w.bank is not None:  # the store (none with --objective parametric)
-            if state.store_snapshot is None:
-                raise ValueError(f"checkpoint {source} names no store snapshot to restore")
-            w.bank.load_snapshot(state.store_snapshot)  # rows, Z and step of the checkpoint
+        if w.bank is not None:  # the bank's rows, Z and step (none with --objective parametric)
+            w.bank.restore_checkpoint(
+                {"bank": state.bank, "store_snapshot": state.store_snapshot}, str(source)
+            )
         truncate_jsonl_after(Path(w.plan.output) / "metrics.jsonl", state.step)
     why = "after a worker failure" if (on_disk or restart) else "on --resume"
     bank = "" if w.bank is None else ", the bank's rows and Z"
@@ -135,8 +129,7 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 def _all_finite(w: Worker, feats: torch.Tensor) -> bool:
     """Whether every rank's features are finite (one small all-reduce with several ranks)."""
     ok = torch.isfinite(feats).all().to(torch.float32).reshape(1).cpu()
-    if w.world > 1 and dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    w.runtime.all_reduce(ok, op="min")
     return bool(ok.item())
 
 
@@ -175,7 +168,7 @@ def train_epoch(
     # The store client's per-step math is O(B·d): on a CPU one thread (more spin and take the
     # shards' cores: 4.3 ms of CPU per step instead of 1.5 with two, measured); the
     # in-process bank does the whole step's math itself and keeps every thread.
-    client = None if isinstance(w.bank, MemoryBank) else loading
+    client = None if w.bank is not None and w.bank.in_process else loading
     with _torch_threads(loading):
         batch = next(batches, None)
     while batch is not None:
@@ -225,8 +218,7 @@ def train_epoch(
         [total, count, images, elapsed, loader.epoch_skipped, entropy, batches],
         dtype=torch.float64,
     )
-    if w.world > 1 and dist.is_initialized():
-        dist.all_reduce(sums)
+    w.runtime.all_reduce(sums)
     skipped = int(sums[4])
     if mixing is not None:
         mixing.last = mixing.fraction(float(sums[5]), int(sums[6]))
@@ -248,14 +240,14 @@ def checkpoint(w: Worker, epoch: int, step: int, record: dict) -> None:
     if w.rank != 0:
         w.runtime.report(record)
         return
-    local = isinstance(w.bank, MemoryBank)
+    kept = {} if w.bank is None else checkpoint_bank(w.bank, w.plan)
     state = TrainState(
         model=w.encoder.state_dict(),
         optimizer=w.optimizer.state_dict(),
         epoch=epoch,
         step=step,
-        store_snapshot=None if local or w.bank is None else snapshot_for_checkpoint(w.bank, w.plan),
-        bank=w.bank.state_dict() if local else None,
+        store_snapshot=kept.get("store_snapshot"),
+        bank=kept.get("bank"),
         head=head_state(w.network),
     )
     with tempfile.TemporaryDirectory(prefix="npid-ckpt-") as tmp:
@@ -283,8 +275,7 @@ def _final_record(w: Worker, epoch: int, step: int, result: dict) -> dict:
 
 def _train(w: Worker) -> None:
     start_epoch, step = resume(w)
-    if w.world > 1 and dist.is_initialized():
-        dist.barrier()  # nobody steps the store before rank 0 has restored its snapshot
+    w.runtime.barrier()  # nobody steps the store before rank 0 has restored its snapshot
     epochs = w.plan.epochs
     loader = train_batches(w)
     evaluate_now = w.cfg.eval_every > 0  # 0: never (throughput runs)

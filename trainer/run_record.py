@@ -113,8 +113,10 @@ def read_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def snapshot_for_checkpoint(store: Any, plan: Any) -> str:
-    """Snapshot ``store`` for a checkpoint of the run ``plan`` describes; returns the URI.
+def checkpoint_bank(bank: Any, plan: Any) -> dict[str, Any]:
+    """What the run's checkpoint keeps of ``bank`` (:meth:`Bank.checkpoint_state
+    <featurestore.bank_protocol.Bank.checkpoint_state>`): the in-process bank's state, or
+    the URI of a store snapshot taken now.
 
     A store the run created writes to its ``snapshot_dir`` (the run's ``snapshots/``). A
     store the run attached to (``--store-name``, e.g. one ``python -m featurestore start``
@@ -122,14 +124,14 @@ def snapshot_for_checkpoint(store: Any, plan: Any) -> str:
     theirs in the run's ``snapshots/`` (newest :data:`KEEP_SNAPSHOTS` kept), so the run
     directory alone can be served or resumed.
     """
-    if plan.create_store:
-        return store.snapshot()
+    if bank.in_process or plan.create_store:
+        return bank.checkpoint_state()
     from featurestore import snapshot
 
     root = str(Path(plan.output) / SNAPSHOT_SUBDIR)
-    uri = store.snapshot(snapshot.new_snapshot_uri(root, store.step_count))
+    kept = bank.checkpoint_state(snapshot.new_snapshot_uri(root, bank.step_count))
     snapshot.prune_snapshots(root, KEEP_SNAPSHOTS)
-    return uri
+    return kept
 
 
 def local_bank_state(run_dir: str | os.PathLike, record: dict[str, Any]) -> dict[str, Any]:
@@ -155,9 +157,9 @@ __all__ = [
     "EXPORT_SUBDIR",
     "RUN_FILE",
     "SNAPSHOT_SUBDIR",
+    "checkpoint_bank",
     "local_bank_state",
     "read_run_record",
     "record_outcome",
-    "snapshot_for_checkpoint",
     "write_run_record",
 ]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from featurestore import MemoryBank
+from featurestore.bank_protocol import Bank
 from trainer.augment import build_batch_transform
 from trainer.config import TrainConfig
 from trainer.data import ShardIndex, train_loader
@@ -40,7 +41,7 @@ class Worker:
     metrics: Metrics
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    bank: object  # ShardedStore or MemoryBank (the same interface); None: --objective parametric
+    bank: Bank | None  # the store client or a MemoryBank; None: --objective parametric
     train: Split
     val: Split | None
     """The datasets, read once per worker (index, and pixels when held decoded)."""
@@ -84,7 +85,10 @@ class Worker:
         )
 
 
-def _open_bank(cfg: TrainConfig, plan: RunPlan, device: torch.device):
+def open_bank(cfg: TrainConfig, plan: RunPlan, device: torch.device) -> Bank | None:
+    """This worker's bank: an in-process :class:`MemoryBank` (``--bank local``), the run's
+    store attached by name (``--bank store``; the driver created it or found it), or None
+    (``--objective parametric``: the classifier replaces it)."""
     if cfg.resolved_bank == "none":  # --objective parametric: the classifier replaces it
         return None
     if cfg.resolved_bank == "local":  # in-process bank (the local launcher, benchmarks)
@@ -110,6 +114,25 @@ def load_split(index: ShardIndex, plan: RunPlan, cfg: TrainConfig, device: torch
     return Split(index, load_decoded(index, workers=cfg.loader_workers).to(where))
 
 
+def load_splits(
+    plan: RunPlan, cfg: TrainConfig, device: torch.device
+) -> tuple[Split, Split | None]:
+    """The run's training split and its validation split (None without ``--val-data``), each
+    read once per worker (:func:`load_split`)."""
+    train = load_split(ShardIndex.load(plan.train_data), plan, cfg, device)
+    val = None
+    if plan.val_data is not None:
+        val = load_split(ShardIndex.load(plan.val_data), plan, cfg, device)
+    return train, val
+
+
+def seed_worker(cfg: TrainConfig, runtime: Runtime) -> None:
+    """This worker's share of the machine's threads, and the run's seed (the model's
+    initial weights are then the same on every rank)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // runtime.world))
+    torch.manual_seed(cfg.seed)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     """SGD with momentum and weight decay, fused (one kernel for all parameters, on CUDA and
     CPU) where this torch supports it for the parameters' device."""
@@ -125,8 +148,7 @@ def setup(loop_config: dict, runtime: Runtime) -> Worker:
     """Build this worker's model, optimizer, bank client and datasets."""
     cfg = TrainConfig.from_dict(loop_config["config"])
     plan = RunPlan.from_dict(loop_config["plan"])
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // runtime.world))
-    torch.manual_seed(cfg.seed)
+    seed_worker(cfg, runtime)
     model = build_encoder(**EncoderConfig.for_preset(plan.arch, cfg.low_dim, plan.preset).to_dict())
     model = with_head(model, plan.objective, plan.num_rows, cfg.low_dim)  # parametric: + head
     # channels_last: oneDNN's and cuDNN's fast convolution layout (1.4x for the small
@@ -136,11 +158,8 @@ def setup(loop_config: dict, runtime: Runtime) -> Worker:
     if cfg.compile:
         model = torch.compile(model)
     device = runtime.device
-    train = load_split(ShardIndex.load(plan.train_data), plan, cfg, device)
-    val = None
-    if plan.val_data is not None:
-        val = load_split(ShardIndex.load(plan.val_data), plan, cfg, device)
-    bank = _open_bank(cfg, plan, device)
+    train, val = load_splits(plan, cfg, device)
+    bank = open_bank(cfg, plan, device)
     return Worker(cfg, plan, runtime, runtime.metrics(), model, optimizer, bank, train, val)
 
 
