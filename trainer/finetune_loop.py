@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -54,7 +52,7 @@ from trainer.models import EncoderConfig, build_encoder, pooled_trunk
 from trainer.plan import RunPlan
 from trainer.runtime import Runtime
 from trainer.transforms import build_transform
-from trainer.worker import load_split
+from trainer.worker import load_splits, seed_worker
 
 logger = logging.getLogger(__name__)
 
@@ -234,11 +232,12 @@ def accuracy(
     return {"top1": hits1 / total, "top5": hits5 / total, "num_val": total}
 
 
-def train_epoch(
-    model: nn.Module, optimizer, loader, device: torch.device, autocast: bool, world: int
+def finetune_epoch(
+    model: nn.Module, optimizer, loader, runtime: Runtime, autocast: bool
 ) -> tuple[float, float, int]:
     """One pass over this rank's labelled batches: ``(mean loss, train top-1, steps)``, the
     means over all ranks."""
+    device = runtime.device
     model.train()
     total = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, images
     steps = 0
@@ -256,8 +255,7 @@ def train_epoch(
         steps += 1
         correct = float((logits.detach().argmax(1) == y).sum())
         total += torch.tensor([float(loss.detach()) * len(y), correct, len(y)])
-    if world > 1 and dist.is_initialized():
-        dist.all_reduce(total)
+    runtime.all_reduce(total)
     images = max(1.0, float(total[2]))
     return float(total[0]) / images, float(total[1]) / images, steps
 
@@ -285,12 +283,10 @@ def run_finetune_worker(loop_config: dict, runtime: Runtime) -> dict[str, Any] |
     cfg = TrainConfig.from_dict(loop_config["config"])
     plan = RunPlan.from_dict(loop_config["plan"])
     spec = loop_config["finetune"]
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // runtime.world))
-    torch.manual_seed(cfg.seed)
+    seed_worker(cfg, runtime)
     network = build_network(spec, plan.num_classes).to(memory_format=torch.channels_last)
     device = runtime.device
-    train = load_split(ShardIndex.load(plan.train_data), plan, cfg, device)
-    val = load_split(ShardIndex.load(plan.val_data), plan, cfg, device)
+    train, val = load_splits(plan, cfg, device)
     setup = EvalSetup(plan.preset, plan.image_size, 0, device, plan.num_classes, 1, 1.0,
                       num_workers=cfg.loader_workers)  # fmt: skip
     ids = torch.tensor(spec["labelled_ids"])
@@ -317,8 +313,7 @@ def run_finetune_worker(loop_config: dict, runtime: Runtime) -> dict[str, Any] |
             group["lr"] = lr * group["scale"]
         torch.manual_seed(_mix(cfg.seed, epoch, runtime.rank, _SALT_FINETUNE))
         loader.set_epoch(epoch)
-        loss, train_top1, steps = train_epoch(model, optimizer, loader, device, cfg.autocast,
-                                              runtime.world)  # fmt: skip
+        loss, train_top1, steps = finetune_epoch(model, optimizer, loader, runtime, cfg.autocast)
         step += steps
         done = epoch + 1
         record = {"epoch": done, "step": step, "lr": lr, "loss": loss, "train_top1": train_top1}
@@ -350,9 +345,9 @@ __all__ = [
     "FinetuneNet",
     "accuracy",
     "build_network",
+    "finetune_epoch",
     "finetune_loop_per_worker",
     "labelled_batches",
     "load_weights",
     "run_finetune_worker",
-    "train_epoch",
 ]

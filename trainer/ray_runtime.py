@@ -20,7 +20,7 @@ from torch import nn
 
 from trainer.metrics import train_metrics
 from trainer.progress import Bar, terminal_bar
-from trainer.runtime import Metrics
+from trainer.runtime import Collectives, Metrics
 
 
 def worker_logging(others: str = "WARNING") -> None:
@@ -42,7 +42,7 @@ def worker_logging(others: str = "WARNING") -> None:
     logging.getLogger().setLevel(others)
 
 
-class RayRuntime:
+class RayRuntime(Collectives):
     """One Ray Train worker of a TorchTrainer group (DDP over gloo or nccl).
 
     Args:

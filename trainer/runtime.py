@@ -64,6 +64,43 @@ class Runtime(Protocol):
     def progress(self, iterable: Iterable[Any], *, desc: str, unit: str, enabled: bool) -> Bar:
         """``iterable`` with a bar on the user's terminal when ``enabled`` (and there is one)."""
 
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """``tensor`` (CPU or this device) reduced in place over every worker (``"sum"`` or
+        ``"min"``) and returned; unchanged with one worker."""
+
+    def barrier(self) -> None:
+        """Wait until every worker got here (nothing with one worker)."""
+
+
+class Collectives:
+    """:meth:`Runtime.all_reduce` and :meth:`Runtime.barrier` over torch.distributed's
+    process group, when there is more than one worker and the group is up: the one place
+    the loops' collectives go through."""
+
+    world: int
+
+    def _grouped(self) -> bool:
+        import torch.distributed as dist
+
+        return self.world > 1 and dist.is_initialized()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce ``tensor`` in place over the workers (``"sum"`` or ``"min"``)."""
+        if op not in ("sum", "min"):
+            raise ValueError(f"op must be 'sum' or 'min', got {op!r}")
+        if self._grouped():
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+        return tensor
+
+    def barrier(self) -> None:
+        """Wait for every worker."""
+        if self._grouped():
+            import torch.distributed as dist
+
+            dist.barrier()
+
 
 class NoMetrics:
     """A local run exports no metrics: ``metrics.jsonl`` and the log carry them."""
@@ -78,7 +115,7 @@ class NoMetrics:
         """Nothing to export."""
 
 
-class LocalRuntime:
+class LocalRuntime(Collectives):
     """One worker in this process: no Ray, no DDP.
 
     Checkpoints are copied to ``storage/run_name/checkpoint_NNNNNN`` (a temporary name,
@@ -128,4 +165,4 @@ class LocalRuntime:
         return terminal_bar(iterable, desc=desc, unit=unit, enabled=enabled and is_terminal())
 
 
-__all__ = ["KEEP_CHECKPOINTS", "LocalRuntime", "Metrics", "NoMetrics", "Runtime"]
+__all__ = ["KEEP_CHECKPOINTS", "Collectives", "LocalRuntime", "Metrics", "NoMetrics", "Runtime"]
