@@ -15,13 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
+from featurestore.knn import knn_evaluate
 from knn_service import eval as knn_eval
 from knn_service.cli import run
 from trainer.checkpoints import TrainState, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import ShardIndex, eval_loader
 from trainer.encoder_export import export_encoder, load_encoder
-from trainer.evaluation import extract_features, index_from_export, knn_accuracy
+from trainer.evaluation import extract_features, index_from_export
 from trainer.make_shards import make_shards
 from trainer.models import EncoderConfig, build_encoder
 from trainer.transforms import build_transform
@@ -135,6 +136,13 @@ def brute_force_top1(train_f, train_y, val_f, val_y, k: int, sigma: float) -> fl
     scores = torch.zeros(val_f.shape[0], NUM_CLASSES, dtype=torch.float64)
     scores.scatter_add_(1, train_y[top_i], (top_s / sigma).exp())
     return float((scores.argmax(dim=1) == val_y).double().mean())
+
+
+def knn_accuracy(train, train_y, val_f, val_y, num_classes, k, temperature) -> dict:
+    """The vote as the trainer's evaluation runs it: ``k`` capped at the training size."""
+    size = len(train) if hasattr(train, "ntotal") else train.shape[0]
+    found = knn_evaluate(train, train_y, val_f, val_y, num_classes, min(k, size), temperature)
+    return {"knn_top1": found["top1"], "knn_top5": found["top5"]}
 
 
 # --------------------------------------------------------------------------- numbers
