@@ -67,7 +67,7 @@ def recipe_from_trainer(argv: list[str]) -> PlainRecipe:
         temperature=cfg.nce_t,
         bank_momentum=cfg.nce_m,
         objective=kind[objective["kind"]],
-        nce_k=objective.get("num_negatives", cfg.nce_k),
+        nce_k=objective.get("num_negatives", cfg.resolved_nce_k),
         z_momentum=objective.get("z_momentum"),
         seed=cfg.seed,
         preset=plan.preset,

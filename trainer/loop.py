@@ -22,7 +22,7 @@ import torch
 
 from featurestore.files import is_url
 from trainer.checkpoints import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from trainer.config import TrainConfig
+from trainer.config import OptimConfig
 from trainer.data.order import _mix
 from trainer.encoder_export import export_encoder
 from trainer.evaluation import evaluate, index_from_export
@@ -49,7 +49,7 @@ MILESTONES = (0.4, 0.6, 0.8)
 _SALT_EPOCH = 0x5EED04
 
 
-def learning_rate(cfg: TrainConfig, epoch: int, epochs: int) -> float:
+def learning_rate(cfg: OptimConfig, epoch: int, epochs: int) -> float:
     """LR of ``epoch`` (0-based): a linear warm-up over ``cfg.warmup_epochs``, then ×0.1 at
     each milestone (step) or cosine decay."""
     if epoch < cfg.warmup_epochs:

@@ -24,7 +24,14 @@ from trainer.checkpoints import (
     load_checkpoint,
     load_checkpoint_meta,
 )
-from trainer.config import BUILTIN, RESUME_KEYS, SOFTMAX_AUTO_MAX_ROWS, ConfigError, TrainConfig
+from trainer.config import (
+    BUILTIN,
+    DEFAULT_NCE_K,
+    RESUME_KEYS,
+    SOFTMAX_AUTO_MAX_ROWS,
+    ConfigError,
+    TrainConfig,
+)
 from trainer.data import ShardIndex
 from trainer.data.cache import decoded_bytes
 from trainer.index_shards import ensure_index, names_shards
@@ -36,7 +43,7 @@ from trainer.transforms import DEFAULT_SIZE
 logger = logging.getLogger(__name__)
 
 #: The reference default K, replaced by the exact softmax on datasets smaller than it.
-DEFAULT_K = TrainConfig.nce_k
+DEFAULT_K = DEFAULT_NCE_K
 
 
 @dataclass
@@ -132,17 +139,16 @@ def _load_index(location: str, flag: str, label: str = "cls") -> ShardIndex:
 
 def resolve_objective(cfg: TrainConfig, num_rows: int) -> Objective | Parametric:
     """The objective for ``num_rows`` instances; raises :class:`ConfigError` on K >= N."""
-    kind = cfg.objective_kind
+    kind = cfg.objective_kind  # a given --nce-k has made auto NCE already
     if kind == PARAMETRIC:
         return Parametric()
     common = {"temperature": cfg.nce_t, "prox_lambda": cfg.prox_lambda}
+    k = cfg.resolved_nce_k
     if kind == "auto":
-        if cfg.nce_k != DEFAULT_K:
-            kind = "nce"  # --nce-k K asks for the paper's NCE with K noise samples
-        elif num_rows <= SOFTMAX_AUTO_MAX_ROWS:
+        if num_rows <= SOFTMAX_AUTO_MAX_ROWS:
             logger.info(
                 "objective auto: the exact softmax over all %d instances (the sampled "
-                "softmax above %d; pass --objective nce for the paper's NCE)",
+                "softmax above %d; pass --objective nce or --nce-k K for the paper's NCE)",
                 num_rows,
                 SOFTMAX_AUTO_MAX_ROWS,
             )
@@ -150,33 +156,33 @@ def resolve_objective(cfg: TrainConfig, num_rows: int) -> Objective | Parametric
         else:
             logger.info(
                 "objective auto: the sampled softmax with K=%d (the exact softmax up to %d "
-                "instances; pass --objective nce for the paper's NCE)",
-                cfg.nce_k,
+                "instances; pass --objective nce or --nce-k K for the paper's NCE)",
+                k,
                 SOFTMAX_AUTO_MAX_ROWS,
             )
             kind = "sampled-softmax"
-    if kind != "softmax" and cfg.nce_k >= num_rows:
-        if cfg.nce_k == DEFAULT_K:  # the default K on a small dataset: no noise to sample
+    if kind != "softmax" and k >= num_rows:
+        if cfg.nce_k is None:  # the default K on a small dataset: no noise to sample
             # asked for by name (--objective nce), the switch is worth a warning
-            say = logger.info if cfg.objective_kind == "auto" else logger.warning
+            say = logger.info if cfg.objective == "auto" else logger.warning
             say(
                 "the default K=%d noise samples is not smaller than the %d training images: "
                 "using the exact softmax, not %s (pass --nce-k to choose K)",
-                cfg.nce_k,
+                k,
                 num_rows,
                 kind,
             )
             return Softmax(**common)
         raise ConfigError(
-            f"--nce-k {cfg.nce_k} must be smaller than the {num_rows} training instances "
+            f"--nce-k {k} must be smaller than the {num_rows} training instances "
             f"(or 0 for the exact softmax)"
         )
     if kind == "softmax":
         return Softmax(**common)
     if kind == "sampled-softmax":
-        return SampledSoftmax(num_negatives=cfg.nce_k, **common)
+        return SampledSoftmax(num_negatives=k, **common)
     momentum = cfg.nce_z_momentum if cfg.nce_z == "ema" else None
-    return NCE(num_negatives=cfg.nce_k, z_momentum=momentum, **common)
+    return NCE(num_negatives=k, z_momentum=momentum, **common)
 
 
 def resolve_data_cache(

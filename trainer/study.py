@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from featurestore.argtypes import DefaultsHelpFormatter, OneLineParser
-from trainer.config import TrainConfig
+from trainer.config import DEFAULT_NCE_K, TrainConfig
 
 logger = logging.getLogger("trainer.study")
 
@@ -65,8 +65,8 @@ STUDIES = {
     "objective": Study("objective", ("parametric", "softmax", "nce"), str, "--objective (Table 1)"),
 }
 
-#: The trainer's default noise count (``TrainConfig.nce_k``), the paper's m = 4096.
-NCE_K = TrainConfig.nce_k
+#: The trainer's default noise count (``--nce-k`` not given), the paper's m = 4096.
+NCE_K = DEFAULT_NCE_K
 
 
 class StudyError(ValueError):

@@ -16,7 +16,7 @@ from torch import nn
 from featurestore import MemoryBank
 from featurestore.bank_protocol import Bank
 from trainer.augment import build_batch_transform
-from trainer.config import TrainConfig
+from trainer.config import OptimConfig, TrainConfig
 from trainer.data import ShardIndex, train_loader
 from trainer.data.cache import load_decoded
 from trainer.data.device_batches import DeviceBatches, resolve_decode
@@ -133,7 +133,7 @@ def seed_worker(cfg: TrainConfig, runtime: Runtime) -> None:
     torch.manual_seed(cfg.seed)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
     """SGD with momentum and weight decay, fused (one kernel for all parameters, on CUDA and
     CPU) where this torch supports it for the parameters' device."""
     kwargs = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
