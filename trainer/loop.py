@@ -112,9 +112,9 @@ def evaluate_knn(w: Worker, recompute: bool = False) -> dict[str, float]:
 @contextlib.contextmanager
 def _torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``n`` intra-op threads (None: unchanged). Batch augmentation is
-    many small elementwise ops: on a CPU one thread does them faster than two (20 vs 33 ms
-    for 256 CIFAR images, measured), and leaves the other core to a store shard computing
-    the step's statistics at the same time."""
+    many small elementwise ops: on a CPU one thread does them faster than two, and leaves
+    the other core to a store shard computing the step's statistics at the same time
+    (README, "Performance", has the measurement)."""
     if n is None:
         yield
         return
@@ -165,9 +165,9 @@ def train_epoch(
     )
     batches = iter(bar)
     loading = 1 if w.device.type == "cpu" else None  # see _torch_threads
-    # The store client's per-step math is O(B·d): on a CPU one thread (more spin and take the
-    # shards' cores: 4.3 ms of CPU per step instead of 1.5 with two, measured); the
-    # in-process bank does the whole step's math itself and keeps every thread.
+    # The store client's per-step math is O(B·d): on a CPU one thread (more spin and take
+    # the shards' cores); the in-process bank does the whole step's math itself and keeps
+    # every thread.
     client = None if w.bank is not None and w.bank.in_process else loading
     with _torch_threads(loading):
         batch = next(batches, None)

@@ -151,8 +151,7 @@ def setup(loop_config: dict, runtime: Runtime) -> Worker:
     seed_worker(cfg, runtime)
     model = build_encoder(**EncoderConfig.for_preset(plan.arch, cfg.low_dim, plan.preset).to_dict())
     model = with_head(model, plan.objective, plan.num_rows, cfg.low_dim)  # parametric: + head
-    # channels_last: oneDNN's and cuDNN's fast convolution layout (1.4x for the small
-    # encoder on a 2-core CPU, measured).
+    # channels_last: oneDNN's and cuDNN's fast convolution layout (README, "Performance").
     model = runtime.prepare_model(model.to(memory_format=torch.channels_last))
     optimizer = build_optimizer(model, cfg)
     if cfg.compile:
