@@ -35,7 +35,9 @@ def test_every_setting_is_one_documented_field_of_one_component():
 
 def test_help_has_one_group_per_component_with_every_flag():
     parser = build_parser()
-    groups = {g.title: [a.option_strings[0] for a in g._group_actions] for g in parser._action_groups}
+    groups = {
+        g.title: [a.option_strings[0] for a in g._group_actions] for g in parser._action_groups
+    }
     for _section, component in COMPONENTS:
         title = component.__doc__.split("\n")[0].rstrip(".")
         expected = [flag_of(f) for f in dataclasses.fields(component) if f.metadata.get("cli")]

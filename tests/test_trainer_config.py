@@ -49,7 +49,8 @@ def tiny_shards(tmp_path_factory):
 
 def test_defaults_mirror_the_reference():
     cfg = parse_config([])
-    assert (cfg.resolved_nce_k, cfg.nce_t, cfg.nce_m, cfg.low_dim, cfg.lr) == (4096, 0.07, 0.5, 128, 0.03)
+    reference = (cfg.resolved_nce_k, cfg.nce_t, cfg.nce_m, cfg.low_dim, cfg.lr)
+    assert reference == (4096, 0.07, 0.5, 128, 0.03)
     assert cfg.nce_k is None  # not given: auto stays auto
     assert (cfg.momentum, cfg.weight_decay) == (0.9, 5e-4)
     assert cfg.builtin and cfg.resolved_arch == "small" and cfg.resolved_epochs == 40
