@@ -87,12 +87,14 @@ def _client(name: str, namespace: str, client: int, clients: int, num_rows: int,
 def run_load(*, num_rows: int, dim: int, shards: int, clients: int, batch: int,
              negatives: int, seconds: float, max_steps: int = 10**9, seed: int = 0,
              momentum: float = 0.5, namespace: str = NAMESPACE,
-             kill_after_s: float | None = None) -> LoadResult:  # fmt: skip
+             kill_after_s: float | None = None,
+             lost_window_s: float = 0.5) -> LoadResult:  # fmt: skip
     """One load run against a fresh store (Ray must be initialised); the store is shut down
     at the end.
 
-    With ``kill_after_s``: that long into the load a snapshot is taken and then the last
-    shard's actor killed while the clients keep stepping; it restarts from the snapshot.
+    With ``kill_after_s``: that long into the load a snapshot is taken and, ``lost_window_s``
+    later (steps the snapshot does not hold), the last shard's actor killed while the
+    clients keep stepping; it restarts from the snapshot.
     Its rows are then checked against the model with that rollback: each row must be the
     snapshot's value (itself a prefix of the row's updates) followed by a suffix of its
     updates, the ones in between lost (counted), none doubled or torn."""
@@ -114,6 +116,7 @@ def run_load(*, num_rows: int, dim: int, shards: int, clients: int, batch: int,
         if kill_after_s is not None:
             time.sleep(kill_after_s)
             snapshot_uri = store.snapshot()
+            time.sleep(lost_window_s)  # updates the rollback will lose
             killed = shards - 1
             ray.kill(ray.get_actor(actor_name(name, killed), namespace=namespace),
                      no_restart=False)  # fmt: skip
@@ -215,6 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="of the local Ray")
     p.add_argument("--kill-after", type=float, default=None, metavar="SECONDS",
                    help="snapshot, then kill the last shard this long into the load")  # fmt: skip
+    p.add_argument("--lost-window", type=float, default=2.0, metavar="SECONDS",
+                   help="with --kill-after: snapshot to kill (updates lost)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -225,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         r = run_load(num_rows=args.num_rows, dim=args.dim, shards=args.shards,
                      clients=args.clients, batch=args.batch, negatives=args.negatives,
-                     seconds=args.seconds, kill_after_s=args.kill_after)  # fmt: skip
+                     seconds=args.seconds, kill_after_s=args.kill_after,
+                     lost_window_s=args.lost_window)  # fmt: skip
     finally:
         ray.shutdown()
     print(
