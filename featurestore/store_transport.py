@@ -355,7 +355,8 @@ class ShardGroup:
         source = stamp.loaded_from or "its seeded initial rows (no snapshot)"
         logger.warning(
             "shard %d of store %r restarted and reloaded rows [%d, %d) from %s at step %d; the "
-            "store is at step %d: %d steps of updates to those rows were lost",
+            "store is at step %d: up to %d steps of updates to those rows were lost (a "
+            "snapshot written during training also holds some steps after its own)",
             shard, self.name, self.bounds[shard], self.bounds[shard + 1], source,
             stamp.loaded_step, store_step, lost,
         )  # fmt: skip
