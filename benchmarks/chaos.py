@@ -4,8 +4,8 @@ A token-authenticated ``ray start --head`` on loopback plays the cluster; the ru
 ``ray job submit -- python -m trainer.run`` on the built-in digits with 2 Ray Train
 workers and a 2-shard feature store (snapshots at every checkpoint), as a user submits
 them. First ``--seeds`` undisturbed runs measure the seed-to-seed spread; then the chaos
-run (seed ``--chaos-seed``), during which, at seeded random moments in three distinct
-epochs:
+run (seed ``--chaos-seed``), during which, at seeded random steps (20 to 70 % into three
+distinct epochs, whatever the machine's speed):
 
 1. one store shard actor's process is SIGKILLed (Ray restarts it from the newest
    snapshot; the rows of that shard roll back to it),
@@ -67,9 +67,9 @@ class Fault:
 
     kind: str
     epoch: int
-    """Scheduled in this epoch (1-based), ``delay_s`` after the one before it ended; where
-    it struck is :attr:`struck_epoch` (the client's polling lags by a few seconds)."""
-    delay_s: float
+    """Scheduled in this epoch (1-based), at the fraction :attr:`into` of its steps; where
+    it struck is :attr:`struck_epoch` (the client polls the store's step counter)."""
+    into: float
     at_step: int = -1
     """The training step when it struck (the store's step counter / workers)."""
     resumed_at_step: int = -1
@@ -146,6 +146,7 @@ class Cluster:
 
         self.head = head
         self.jobs = JobSubmissionClient(head.dashboard_url)
+        self._shard0 = None  # the run's shard 0 actor, for its step counter
         ray.init(address=head.address, log_to_driver=False, logging_level="ERROR")
 
     def close(self) -> None:
@@ -176,16 +177,22 @@ class Cluster:
         )
 
     def store_step(self) -> int:
-        """The step counter of the run's store (the newest live one)."""
+        """The step counter of the run's store (the newest live one; -1: none reachable)."""
         import ray
 
+        if self._shard0 is not None:
+            try:
+                return int(ray.get(self._shard0.state.remote(), timeout=30)[0])
+            except Exception:  # restarting, or the run's store is gone: look it up again
+                self._shard0 = None
         shards = [a for a in self.actors("ShardActor") if (a.name or "").endswith(".shard0")]
         if not shards:
             return -1
-        actor = ray.get_actor(shards[-1].name, namespace=shards[-1].ray_namespace)
         try:
-            return int(ray.get(actor.state.remote(), timeout=30)[0])
+            self._shard0 = ray.get_actor(shards[-1].name, namespace=shards[-1].ray_namespace)
+            return int(ray.get(self._shard0.state.remote(), timeout=30)[0])
         except Exception:  # a shard between restarts: unknown
+            self._shard0 = None
             return -1
 
     def sigkill(self, class_name: str, rng: random.Random) -> str:
@@ -212,6 +219,19 @@ def wait_for_epoch(output: Path, epoch: int, job: str, cluster: Cluster, timeout
     raise TimeoutError(f"epoch {epoch} not reached after {timeout:.0f} s")
 
 
+def wait_for_step(step: int, job: str, cluster: Cluster, timeout: float) -> None:
+    """Until the run's store has counted ``step`` training steps (its counter / workers):
+    a fault strikes at a step, whatever the machine's speed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cluster.store_step() // WORKERS >= step:
+            return
+        if str(cluster.jobs.get_job_status(job).value) in TERMINAL:
+            raise RuntimeError(f"job {job} ended before step {step}: use more --epochs")
+        time.sleep(0.1)
+    raise TimeoutError(f"step {step} not reached after {timeout:.0f} s")
+
+
 def start_job(head: Head, entry: list[str], job: str) -> None:
     """``ray job submit --no-wait --submission-id JOB -- ENTRY``; raises when refused."""
     done = submit(head, entry, REPO, no_wait=True, submission_id=job)
@@ -235,14 +255,14 @@ def fault_lines(text: str) -> list[str]:
 
 
 def run_chaos(
-    head: Head, cluster: Cluster, work: Path, seed: int, epochs: int, epoch_s: float
+    head: Head, cluster: Cluster, work: Path, seed: int, epochs: int
 ) -> tuple[Outcome, list[Fault]]:
     """The chaos run: three faults at seeded moments in three distinct epochs, then
     ``--resume``; returns its outcome and the faults with their costs."""
     rng = random.Random(seed)
     at = sorted(rng.sample(range(2, epochs), 3))  # epochs 2 .. E-1 (1-based): a checkpoint before
     faults = [
-        Fault(kind, e, round(rng.uniform(0.2, 0.7) * epoch_s, 2))
+        Fault(kind, e, round(rng.uniform(0.2, 0.7), 2))
         for kind, e in zip(("shard SIGKILL", "worker SIGKILL", "ray job stop"), at, strict=True)
     ]
     output = work / f"chaos-{seed}"
@@ -252,9 +272,9 @@ def run_chaos(
     logs, seen = [], 0
     for k, fault in enumerate(faults):
         wait_for_epoch(output, fault.epoch - 1, first, cluster, timeout=60 * epochs + 600)
-        time.sleep(fault.delay_s)
-        if str(cluster.jobs.get_job_status(first).value) in TERMINAL:
-            raise RuntimeError(f"the run ended before the {fault.kind}: use more --epochs")
+        per_epoch = next(r["step"] for r in records(output) if r["epoch"] == 1 and r["step"])
+        target = (fault.epoch - 1) * per_epoch + round(fault.into * per_epoch)
+        wait_for_step(target, first, cluster, timeout=60 * epochs + 600)
         text = cluster.logs(first)
         if k:  # what the run printed since the fault before
             logs.append(text[seen:])
@@ -327,9 +347,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="undisturbed runs' seeds (none: only the chaos run)")  # fmt: skip
     p.add_argument("--chaos-seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--epoch-seconds", type=float, default=0.0,
-                   help="expected epoch length for the fault delays (0: from the undisturbed "
-                   "runs, else 8)")  # fmt: skip
     p.add_argument("--output", type=Path, default=None, help="work directory (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     args = p.parse_args(argv)
@@ -341,10 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = Cluster(head)
         try:
             clean = [run_undisturbed(head, cluster, work, s, args.epochs) for s in args.seeds]
-            epoch_s = args.epoch_seconds or (
-                statistics.median(o.wall_s for o in clean) / (args.epochs + 3) if clean else 8.0
-            )
-            chaos, faults = run_chaos(head, cluster, work, args.chaos_seed, args.epochs, epoch_s)
+            chaos, faults = run_chaos(head, cluster, work, args.chaos_seed, args.epochs)
         finally:
             cluster.close()  # before the head goes: a client left behind aborts this process
     from trainer.data import ShardIndex

@@ -236,6 +236,23 @@ def test_metrics_jsonl_append_and_truncate(tmp_path):
     assert [r["step"] for r in read_jsonl(path)] == [0, 5]
 
 
+def test_a_run_resumed_from_its_last_checkpoint_writes_its_final_evaluation_once(tmp_path):
+    """Stopped during its final evaluation (after the last checkpoint), a run resumed with
+    --resume evaluates again: the first final record goes, the epoch-0 one stays."""
+    path = tmp_path / "metrics.jsonl"
+    final = {"features": "recomputed", "loss": None, "images_per_sec": None}
+    records = [
+        {"epoch": 0, "step": 0, **final},
+        {"epoch": 1, "step": 5, "loss": 2.0},
+        {"epoch": 2, "step": 10, "loss": 1.5},
+        {"epoch": 2, "step": 10, **final},
+    ]
+    for record in records:
+        append_jsonl(path, record)
+    truncate_jsonl_after(path, 10)
+    assert [(r["epoch"], r["loss"]) for r in read_jsonl(path)] == [(0, None), (1, 2.0), (2, 1.5)]
+
+
 def _cli(*argv: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env_extra or {})}
     return subprocess.run(

@@ -97,9 +97,17 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def truncate_jsonl_after(path: str | os.PathLike, step: int) -> None:
-    """Drop records with ``step`` > ``step`` (a resumed run rewrites what it redoes)."""
+    """Drop what a run resumed at ``step`` writes again: the records after ``step``, and a
+    final evaluation at ``step`` itself (``loss`` None, epoch > 0: written after the last
+    checkpoint, by a run stopped during it or finished before more epochs were asked for)."""
+
+    def redone(r: dict) -> bool:
+        at = int(r.get("step", 0))
+        final = at == step and "loss" in r and r["loss"] is None and int(r.get("epoch", 0)) > 0
+        return at > step or final
+
     records = read_jsonl(path)
-    kept = [r for r in records if int(r.get("step", 0)) <= step]
+    kept = [r for r in records if not redone(r)]
     if len(kept) == len(records):
         return
     write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
