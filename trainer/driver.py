@@ -61,7 +61,7 @@ def store_threads(cfg: TrainConfig, local_ray: bool) -> int:
 
 def open_store(cfg: TrainConfig, plan: RunPlan, local_ray: bool = False):
     """Create the run's store or attach to ``--store-name``; check it fits the data."""
-    if cfg.resolved_bank != "store":  # in-process bank, or none (--objective parametric)
+    if plan.bank != "store":  # in-process bank, or none (--objective parametric)
         return None
     from featurestore.store import ShardedStore
 

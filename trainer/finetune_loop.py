@@ -195,7 +195,7 @@ def labelled_batches(
     From the decoded pixels when held (:class:`CachedLoader` over the labelled rows: full
     batches of ``B``, a rank short of them repeating its own images with new augmentations),
     else from the images' bytes (``stored``, read here when not given)."""
-    batch = cfg.resolved_batch_size // runtime.world
+    batch = plan.batch_size // runtime.world
     if train.pixels is None:
         transform = build_transform(plan.preset, train=True, image_size=plan.image_size)
         data = (stored or _LabelledImages(train.index, ids)).with_transform(transform)

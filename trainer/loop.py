@@ -282,7 +282,7 @@ def _train(w: Worker) -> None:
     objective = w.plan.objective
     z_mode = "ema" if objective.get("z_momentum") is not None else "fixed"
     watch = DivergenceWatch(objective["kind"], z_mode, w.cfg.nce_m)
-    mixing = LabelMixing(w.train.index.labels, w.cfg.resolved_batch_size // w.world)
+    mixing = LabelMixing(w.train.index.labels, w.plan.batch_size // w.world)
     mixing_warned = False
     if evaluate_now and start_epoch == 0 and step == 0 and w.rank == 0:
         # Before the first step the bank holds random rows: evaluate recomputed features.

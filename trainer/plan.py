@@ -70,6 +70,10 @@ class RunPlan:
     """Ray Train run name, unique per launch: checkpoints under storage_path/run_name."""
     data_cache: str = "off"
     """off | memory | device: where the decoded dataset is held (resolved from auto)."""
+    batch_size: int = 256
+    """The global batch size (the dataset's default when ``--batch-size`` is not given)."""
+    bank: str = "store"
+    """store | local | none: where the bank lives (``--bank auto`` resolved)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (sent to every worker)."""
@@ -291,6 +295,8 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
         image_size=cfg.image_size or DEFAULT_SIZE[preset],
         arch=arch,
         epochs=cfg.resolved_epochs,
+        batch_size=cfg.resolved_batch_size,
+        bank=cfg.resolved_bank,
         objective=objective.to_dict(),
         output=output,
         store_name=store_name,

@@ -89,9 +89,9 @@ def open_bank(cfg: TrainConfig, plan: RunPlan, device: torch.device) -> Bank | N
     """This worker's bank: an in-process :class:`MemoryBank` (``--bank local``), the run's
     store attached by name (``--bank store``; the driver created it or found it), or None
     (``--objective parametric``: the classifier replaces it)."""
-    if cfg.resolved_bank == "none":  # --objective parametric: the classifier replaces it
+    if plan.bank == "none":  # --objective parametric: the classifier replaces it
         return None
-    if cfg.resolved_bank == "local":  # in-process bank (the local launcher, benchmarks)
+    if plan.bank == "local":  # in-process bank (the local launcher, benchmarks)
         return MemoryBank(
             plan.num_rows,
             cfg.low_dim,
@@ -167,7 +167,7 @@ def train_batches(w: Worker):
     ``global batch / world``; from the decoded pixels when held, else the shards. Streamed
     images of one size (and any images with ``--decode gpu``) are augmented on the device
     by the same batched transform as the decoded cache's."""
-    batch = w.cfg.resolved_batch_size // w.world
+    batch = w.plan.batch_size // w.world
     if w.train.pixels is not None:
         return CachedLoader(
             w.train.pixels,
