@@ -220,8 +220,8 @@ class OptimConfig:
     )
     batch_size: int = setting(
         0,
-        "global batch size, split evenly across workers (default: 128 on the 1,437-image "
-        "built-in data, for enough steps per epoch; 256, the reference's, otherwise)",
+        "global batch size (default: 128 on the built-in data, 256 otherwise), split evenly "
+        "across workers (the 1,437-image built-in data gets 128 for enough steps per epoch)",
         zero_is_default=True,
     )
     epochs: int = setting(
