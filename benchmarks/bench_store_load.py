@@ -92,9 +92,9 @@ def run_load(*, num_rows: int, dim: int, shards: int, clients: int, batch: int,
     """One load run against a fresh store (Ray must be initialised); the store is shut down
     at the end.
 
-    With ``kill_after_s``: that long into the load a snapshot is taken and, ``lost_window_s``
-    later (steps the snapshot does not hold), the last shard's actor killed while the
-    clients keep stepping; it restarts from the snapshot.
+    With ``kill_after_s``: that long after the first step a snapshot is taken and,
+    ``lost_window_s`` later (steps the snapshot does not hold), the last shard's actor
+    killed while the clients keep stepping; it restarts from the snapshot.
     Its rows are then checked against the model with that rollback: each row must be the
     snapshot's value (itself a prefix of the row's updates) followed by a suffix of its
     updates, the ones in between lost (counted), none doubled or torn."""
@@ -114,6 +114,9 @@ def run_load(*, num_rows: int, dim: int, shards: int, clients: int, batch: int,
         ]
         killed, snapshot_uri = None, None
         if kill_after_s is not None:
+            stepping = time.monotonic() + seconds
+            while store.state()[0] == 0 and time.monotonic() < stepping:
+                time.sleep(0.05)  # counted from the first step: the clients take a while to start
             time.sleep(kill_after_s)
             snapshot_uri = store.snapshot()
             time.sleep(lost_window_s)  # updates the rollback will lose

@@ -192,7 +192,7 @@ class ShardedStore(RowCalls, SnapshotCalls):
         )
 
     def _attach(self, name: str, namespace: str, max_retries: int, retry_backoff_s: float) -> None:
-        config, actors, infos = find_shards(name, namespace)
+        config, actors, infos = find_shards(name, namespace, max_retries, retry_backoff_s)
         client = uuid.uuid4().int >> 65  # 63 bits, never 0 in practice
         self._connect(config, actors, infos, max_retries, retry_backoff_s, client=client or 1)
 

@@ -147,11 +147,15 @@ def start_shards(
     return actors, infos
 
 
-def find_shards(name: str, namespace: str) -> tuple[StoreConfig, list, list[dict[str, Any]]]:
-    """The configuration, actors and infos of the running store ``name``.
+def find_shards(
+    name: str, namespace: str, max_retries: int = 5, retry_backoff_s: float = 0.5
+) -> tuple[StoreConfig, list, list[dict[str, Any]]]:
+    """The configuration, actors and infos of the running store ``name``; a restarting
+    shard is asked again (``max_retries`` times, the delay doubling from the backoff).
 
     Raises:
         LookupError: no such store, or one of its shards is missing.
+        RuntimeError: a shard stayed unavailable through every retry.
     """
     first = lookup(name, namespace, 0)
     if first is None:
@@ -159,15 +163,33 @@ def find_shards(name: str, namespace: str) -> tuple[StoreConfig, list, list[dict
             f"no feature store named {name!r} in Ray namespace {namespace!r} "
             "(create it with ShardedStore(..., name=...) first)"
         )
-    info = ray.get(first.info.remote())
-    config: StoreConfig = info["config"]
-    actors = [first]
+    actors, infos = [first], [_info(first, 0, name, max_retries, retry_backoff_s)]
+    config: StoreConfig = infos[0]["config"]
     for s in range(1, config.num_shards):
         actor = lookup(name, namespace, s)
         if actor is None:
             raise LookupError(f"feature store {name!r} has no shard {s} (was it shut down?)")
         actors.append(actor)
-    return config, actors, [info, *ray.get([a.info.remote() for a in actors[1:]])]
+        infos.append(_info(actor, s, name, max_retries, retry_backoff_s))
+    return config, actors, infos
+
+
+def _info(actor, shard: int, name: str, max_retries: int, backoff_s: float) -> dict[str, Any]:
+    """``actor.info()``, retried while the shard restarts (one line per retry)."""
+    for attempt in range(max_retries + 1):
+        try:
+            return ray.get(actor.info.remote())
+        except RayActorError as err:
+            if attempt >= max_retries:
+                msg = f"shard {shard} of store {name!r} is unavailable after {max_retries} "
+                raise RuntimeError(f"{msg}retries of attaching: {err}") from err
+            delay = backoff_s * 2**attempt
+            logger.warning(
+                "shard %d of store %r unavailable while attaching (%s); retry %d/%d in %.2f s",
+                shard, name, type(err).__name__, attempt + 1, max_retries, delay,
+            )  # fmt: skip
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 class TransferCounter:

@@ -29,11 +29,7 @@ KEEP_SNAPSHOTS = 3
 def write_run_record(plan: Any) -> Path:
     """Write ``plan.output/run.json`` from a :class:`trainer.plan.RunPlan`."""
     output = Path(plan.output)
-    bank = plan.config.get("bank", "store")
-    if plan.config.get("launcher") == "local":
-        bank = "local"
-    if plan.objective.get("kind") == "parametric":
-        bank = "none"  # a learned classifier, no memory bank
+    bank = plan.bank  # store | local | none (--objective parametric: a learned classifier)
     record = {
         "train_data": plan.train_data,
         "val_data": plan.val_data,
@@ -106,7 +102,7 @@ def read_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
         "train_data": config.get("data"),
         "val_data": config.get("val_data"),
         "low_dim": config.get("low_dim"),
-        "bank": "local" if config.get("launcher") == "local" else config.get("bank", "store"),
+        "bank": _resolved_bank(config),
         "snapshots": str(snapshots) if snapshots.is_dir() else None,
         "encoder": str(where / EXPORT_SUBDIR),
         "checkpoints": str(where),
@@ -132,6 +128,14 @@ def checkpoint_bank(bank: Any, plan: Any) -> dict[str, Any]:
     kept = bank.checkpoint_state(snapshot.new_snapshot_uri(root, bank.step_count))
     snapshot.prune_snapshots(root, KEEP_SNAPSHOTS)
     return kept
+
+
+def _resolved_bank(config: dict[str, Any]) -> str:
+    """store | local | none of a checkpoint's saved config (``--bank auto`` resolved as the
+    run did: :attr:`trainer.config.TrainConfig.resolved_bank`)."""
+    from trainer.config import TrainConfig
+
+    return TrainConfig.from_dict(config).resolved_bank
 
 
 def local_bank_state(run_dir: str | os.PathLike, record: dict[str, Any]) -> dict[str, Any]:
