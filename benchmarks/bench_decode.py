@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.augment import build_batch_transform
+from trainer.data.augment import build_batch_transform
 from trainer.data.decode import decode_image
 from trainer.data.device_batches import augment_images, decode_batch
-from trainer.transforms import build_transform
+from trainer.data.transforms import build_transform
 
 
 def make_jpegs(n: int, seed: int = 0) -> list[bytes]:

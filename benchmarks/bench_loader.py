@@ -45,12 +45,12 @@ from torchvision.datasets import ImageFolder
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer.augment import build_batch_transform  # noqa: E402
 from trainer.data import ShardIndex, decode_image, train_loader  # noqa: E402
+from trainer.data.augment import build_batch_transform  # noqa: E402
 from trainer.data.cache import load_decoded  # noqa: E402
 from trainer.data.memory_loader import CachedLoader  # noqa: E402
-from trainer.make_shards import make_shards  # noqa: E402
-from trainer.transforms import build_transform  # noqa: E402
+from trainer.data.transforms import build_transform  # noqa: E402
+from trainer.shards.make import make_shards  # noqa: E402
 
 
 def _parse() -> argparse.Namespace:

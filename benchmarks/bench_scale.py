@@ -57,10 +57,10 @@ from PIL import Image  # noqa: E402
 
 from featurestore import NCE, ShardedStore  # noqa: E402
 from trainer.data import ShardIndex, train_loader  # noqa: E402
+from trainer.data.transforms import build_transform  # noqa: E402
 from trainer.evaluation import EvalSetup, Split, evaluate, index_from_export  # noqa: E402
-from trainer.index_shards import index_shards  # noqa: E402
-from trainer.models import EncoderConfig, build_encoder  # noqa: E402
-from trainer.transforms import build_transform  # noqa: E402
+from trainer.model.encoders import EncoderConfig, build_encoder  # noqa: E402
+from trainer.shards.index import index_shards  # noqa: E402
 
 NUM_CLASSES = 10
 SIDE = 32

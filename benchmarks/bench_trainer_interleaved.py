@@ -40,8 +40,8 @@ def interleaved_loop(loop_config: dict) -> None:
     import ray.train
 
     from featurestore.store import ShardedStore
+    from trainer.launch.ray_runtime import RayRuntime
     from trainer.loop import setup, train_batches, train_epoch
-    from trainer.ray_runtime import RayRuntime
 
     w = setup(loop_config, RayRuntime())  # the config says --bank local: w.bank is the MemoryBank
     banks = {"local": w.bank}
@@ -90,8 +90,8 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    from trainer import driver
     from trainer.flags import parse_config
+    from trainer.launch import driver
     from trainer.plan import make_plan
 
     variants = 1 + len(args.num_shards)

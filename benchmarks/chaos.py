@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cluster.close()  # before the head goes: a client left behind aborts this process
     from trainer.data import ShardIndex
-    from trainer.make_shards import ensure_builtin_dataset
+    from trainer.shards.make import ensure_builtin_dataset
 
     num_rows = ShardIndex.load(ensure_builtin_dataset(work / "cache", "train")).num_instances
     bank = [o.knn_bank for o in clean if o.knn_bank is not None]

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from featurestore import NCE, MemoryBank, SampledSoftmax, Softmax  # noqa: E402
 from featurestore.bank_shard import BankShard, initial_rows  # noqa: E402
 from featurestore.knn.index import KnnIndex  # noqa: E402
-from trainer.models import EncoderConfig, build_encoder  # noqa: E402
+from trainer.model.encoders import EncoderConfig, build_encoder  # noqa: E402
 
 logger = logging.getLogger("device_smoke")
 

@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from trainer.models import build_encoder
-from trainer.transforms import build_transform
+from trainer.data.transforms import build_transform
+from trainer.model.encoders import build_encoder
 
 logger = logging.getLogger("plain_loop")
 

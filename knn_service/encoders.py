@@ -3,7 +3,7 @@
 Shared by ``python -m knn_service.serve``, ``.eval`` and ``.show``. ``--checkpoint`` may name
 
 - an **exported encoder** directory (``encoder.json`` + ``encoder.pt``, written by
-  :func:`trainer.encoder_export.export_encoder` at the end of a run): architecture, preset and image
+  :func:`trainer.model.export.export_encoder` at the end of a run): architecture, preset and image
   size come from its JSON (``metadata.preset`` / ``metadata.image_size``);
 - a **training checkpoint** directory (``state.pt`` + ``config.json`` + ``meta.json``, see
   :mod:`trainer.checkpoints`): the architecture comes from the saved ``TrainConfig``; the

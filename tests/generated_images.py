@@ -25,7 +25,7 @@ def colour_class_folder(src: Path, n: int, seed: int, classes: int = 4, side: in
 def unlabelled_shards(root: Path, n: int = 12) -> str:
     """Shards under ``root/unlabelled`` of ``n`` generated images that sit at the folder's
     root, outside any class folder, so every one is written with label -1."""
-    from trainer.make_shards import make_shards
+    from trainer.shards.make import make_shards
 
     src = colour_class_folder(root / "src", n, seed=0)
     for image in list(src.glob("*/*")):
@@ -37,7 +37,7 @@ def unlabelled_shards(root: Path, n: int = 12) -> str:
 def colour_shards(root: Path, train: int, test: int, shard_size: int) -> dict[str, Path]:
     """``{"train": dir, "test": dir}``: shards under ``root`` of ``train`` and ``test``
     generated images (:func:`colour_class_folder`, seeds 0 and 1), ``shard_size`` per tar."""
-    from trainer.make_shards import make_shards
+    from trainer.shards.make import make_shards
 
     out = {}
     for split, n, seed in (("train", train, 0), ("test", test, 1)):

@@ -54,9 +54,9 @@ def test_the_serving_layer_reaches_the_trainer_only_through_trainer_api(graph):
 def test_serving_does_not_import_the_shard_writer_or_the_training_loop(graph):
     graph = copy.deepcopy(graph)
     # the one door: trainer.api.dataset_location converts the built-in dataset on first use
-    assert graph.direct_import_exists(importer="trainer.api", imported="trainer.make_shards")
-    graph.remove_import(importer="trainer.api", imported="trainer.make_shards")
-    for target in ("trainer.make_shards", "trainer.loop", "trainer.driver"):
+    assert graph.direct_import_exists(importer="trainer.api", imported="trainer.shards.make")
+    graph.remove_import(importer="trainer.api", imported="trainer.shards.make")
+    for target in ("trainer.shards.make", "trainer.loop", "trainer.launch.driver"):
         chain = graph.find_shortest_chain(importer="knn_service.serve", imported=target)
         assert chain is None, " -> ".join(chain)
 
@@ -64,7 +64,7 @@ def test_serving_does_not_import_the_shard_writer_or_the_training_loop(graph):
 #: The places the training path touches Ray: imports inside the functions that run only
 #: with the Ray launcher or the store (ARCHITECTURE.md, "Where Ray is touched").
 RAY_DOORS = (
-    ("trainer.loop", "trainer.ray_runtime"),  # run_worker under Ray Train
+    ("trainer.loop", "trainer.launch.ray_runtime"),  # run_worker under Ray Train
     ("trainer.worker", "featurestore.store"),  # open_bank with --bank store
     ("trainer.metrics", "ray"),  # TrainMetrics, created in Ray Train workers only
     ("trainer.metrics", "featurestore.metrics"),  # the same constructor
@@ -76,7 +76,7 @@ def test_the_local_launcher_path_imports_ray_only_behind_the_marked_doors(graph)
     for importer, imported in RAY_DOORS:
         assert graph.direct_import_exists(importer=importer, imported=imported)
         graph.remove_import(importer=importer, imported=imported)
-    for start in ("trainer.local", "trainer.loop", "featurestore.bank", "featurestore.knn"):
+    for start in ("trainer.launch.local", "trainer.loop", "featurestore.bank", "featurestore.knn"):
         chain = graph.find_shortest_chain(importer=start, imported="ray")
         assert chain is None, " -> ".join(chain)
 
@@ -93,14 +93,15 @@ def test_modules_stay_short():
 
 
 def test_the_models_module_is_pure_torch(graph):
-    """``trainer.models`` imports torch and torchvision only; files, images and the export
-    format live in ``trainer.encoder_export``, whose names still import from the old place."""
-    imported = graph.find_modules_directly_imported_by("trainer.models")
+    """``trainer.model.encoders`` imports torch and torchvision only; files, images and the export
+    format live in ``trainer.model.export``, whose names still import from the old place."""
+    imported = graph.find_modules_directly_imported_by("trainer.model.encoders")
     ours = {m for m in imported if m.split(".")[0] in PACKAGES}
-    assert ours == {"trainer.encoder_export"}  # the lazy re-export, inside __getattr__
+    assert ours == {"trainer.model.export"}  # the lazy re-export, inside __getattr__
     others = {m.split(".")[0] for m in imported - ours}
     assert others <= {"__future__", "dataclasses", "collections", "typing", "torch", "torchvision"}
-    from trainer import encoder_export, models
+    from trainer.model import encoders as models
+    from trainer.model import export as encoder_export
 
     for name in sorted(models._MOVED_TO_EXPORT):
         assert getattr(models, name) is getattr(encoder_export, name)

@@ -1,4 +1,4 @@
-"""Batched augmentation against torchvision's per-image PIL path (trainer.transforms).
+"""Batched augmentation against torchvision's per-image PIL path (trainer.data.transforms).
 
 Exact where both compute the same thing (crop geometry, hue rotation, test transforms, up
 to PIL's 8-bit rounding); equal in distribution where they draw (crop areas and aspect
@@ -16,7 +16,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms as T
 
-from trainer.augment import (
+from trainer.data.augment import (
     CropParams,
     adjust_hue,
     build_batch_transform,
@@ -25,7 +25,7 @@ from trainer.augment import (
     resized_crops,
     sample_crops,
 )
-from trainer.transforms import CIFAR_MEAN, CIFAR_STD, build_transform
+from trainer.data.transforms import CIFAR_MEAN, CIFAR_STD, build_transform
 
 
 def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:

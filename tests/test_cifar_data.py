@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from trainer.data import ShardIndex, eval_loader, steps_per_epoch, train_loader
-from trainer.make_shards import make_shards
-from trainer.transforms import build_transform
+from trainer.data.transforms import build_transform
+from trainer.shards.make import make_shards
 
 ARCHIVE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

@@ -34,8 +34,8 @@ from trainer.data.order import (
     take_segments,
 )
 from trainer.data.shard_files import _TarReader
-from trainer.make_shards import make_shards
-from trainer.transforms import build_transform
+from trainer.data.transforms import build_transform
+from trainer.shards.make import make_shards
 
 # torchvision 0.29 deprecates its image decoders (used for JPEG, see decode_image).
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.io.image")

@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.augment import build_batch_transform
 from trainer.data import ShardIndex
+from trainer.data.augment import build_batch_transform
 from trainer.data.cache import DataCacheError, decoded_bytes, fingerprint, load_decoded
 from trainer.data.memory_loader import CachedLoader
-from trainer.make_shards import make_shards
+from trainer.shards.make import make_shards
 
 CLASSES = 4
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.augment import build_batch_transform, resized_crops, sample_crops
 from trainer.data import train_loader
+from trainer.data.augment import build_batch_transform, resized_crops, sample_crops
 from trainer.data.decode import decode_image
 from trainer.data.device_batches import (
     DeviceBatches,
@@ -20,7 +20,7 @@ from trainer.data.device_batches import (
     decode_batch,
     resolve_decode,
 )
-from trainer.make_shards import make_shards
+from trainer.shards.make import make_shards
 
 TOLERANCE = 2  # libjpeg-turbo (torchvision) against PIL's libjpeg: rounding of the IDCT
 

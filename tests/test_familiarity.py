@@ -15,7 +15,7 @@ from knn_service.familiarity import PER_BATCH, SAMPLE, NearestScale, SampledRows
 from knn_service.query_engine import KnnService
 from knn_service.request_parsing import parse_query
 from knn_service.train_labels import TrainLabels
-from trainer.make_shards import make_shards
+from trainer.shards.make import make_shards
 
 DIM = 8
 

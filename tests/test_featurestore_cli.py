@@ -17,7 +17,7 @@ import pytest
 from generated_images import colour_class_folder
 from ray_head import free_port, token_head
 
-from trainer.make_shards import make_shards
+from trainer.shards.make import make_shards
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from generated_images import colour_class_folder, unlabelled_shards
 from without_ray import no_ray_program
 
-from trainer import finetune
 from trainer.checkpoints import TrainState, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.finetune_loop import TEMPERATURE, FinetuneNet, accuracy
-from trainer.make_shards import make_shards
-from trainer.models import EncoderConfig, build_encoder
+from trainer.experiments import finetune
+from trainer.experiments.finetune_loop import TEMPERATURE, FinetuneNet, accuracy
+from trainer.model.encoders import EncoderConfig, build_encoder
+from trainer.shards.make import make_shards
 
 REPO = Path(__file__).resolve().parent.parent
 #: The command with every ``import ray`` failing: ``--launcher local`` provably avoids Ray.

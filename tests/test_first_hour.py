@@ -13,7 +13,7 @@ import pytest
 from generated_images import colour_class_folder
 
 from trainer.flags import build_parser
-from trainer.make_shards import make_shards
+from trainer.shards.make import make_shards
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,7 +109,7 @@ def test_the_exported_encoder_carries_its_preprocessing_and_encodes_as_the_servi
 
     from knn_service.encoders import load_encoder_from
     from trainer.data.decode import decode_image
-    from trainer.encoder_export import encode_images
+    from trainer.model.export import encode_images
 
     src = colour_class_folder(tmp_path / "src", 32, seed=3)
     make_shards(src, tmp_path / "shards", shard_size=40, progress=False)
@@ -130,7 +130,7 @@ def test_the_exported_encoder_carries_its_preprocessing_and_encodes_as_the_servi
     scope: dict = {}
     exec(pre["python"], scope)  # the recorded torchvision code builds the same transform
     image = decode_image(data)
-    from trainer.transforms import build_transform
+    from trainer.data.transforms import build_transform
 
     expected = build_transform(pre["preset"], train=False, image_size=pre["image_size"])(image)
     assert torch.equal(scope["transform"](image), expected)

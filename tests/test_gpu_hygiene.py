@@ -17,9 +17,9 @@ from trainer.checkpoints import latest_checkpoint, load_checkpoint
 from trainer.config import ConfigError, TrainConfig
 from trainer.evaluation import extract_features
 from trainer.flags import parse_config
-from trainer.make_shards import make_shards
 from trainer.metrics import read_jsonl
-from trainer.models import EncoderConfig, build_encoder
+from trainer.model.encoders import EncoderConfig, build_encoder
+from trainer.shards.make import make_shards
 from trainer.worker import build_optimizer
 
 REPO = Path(__file__).resolve().parent.parent

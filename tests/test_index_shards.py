@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from trainer.data import ShardIndex, eval_loader, train_loader
-from trainer.index_shards import ensure_index, expand_braces, index_shards, names_shards
+from trainer.shards.index import ensure_index, expand_braces, index_shards, names_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 N_SHARDS, PER_SHARD = 3, 20

@@ -21,11 +21,11 @@ from knn_service.cli import run
 from trainer.checkpoints import TrainState, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import ShardIndex, eval_loader
-from trainer.encoder_export import export_encoder, load_encoder
+from trainer.data.transforms import build_transform
 from trainer.evaluation import extract_features, index_from_export
-from trainer.make_shards import make_shards
-from trainer.models import EncoderConfig, build_encoder
-from trainer.transforms import build_transform
+from trainer.model.encoders import EncoderConfig, build_encoder
+from trainer.model.export import export_encoder, load_encoder
+from trainer.shards.make import make_shards
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIM = 16

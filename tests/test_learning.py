@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from featurestore.knn import knn_evaluate
-from trainer.augment import build_batch_transform
 from trainer.data import ShardIndex
+from trainer.data.augment import build_batch_transform
 from trainer.data.cache import load_decoded
-from trainer.make_shards import make_shards
 from trainer.metrics import read_jsonl
 from trainer.run import main
+from trainer.shards.make import make_shards
 
 ARCHIVE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -190,7 +190,7 @@ def test_cifar_fine_tuning_from_the_npid_run_beats_scratch_at_ten_percent_labels
     """The paper's semi-supervised claim (its Fig. 6) on real images: the whole encoder
     fine-tuned from the NPID run beats the same network trained from scratch on the same
     labelled sample. (On the built-in digits scratch training catches up: README.)"""
-    from trainer import finetune
+    from trainer.experiments import finetune
 
     _, run = cifar_run
     common = ["--data", str(cifar_subset["train"]), "--val-data", str(cifar_subset["test"]),

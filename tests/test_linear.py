@@ -26,8 +26,8 @@ from knn_service.linear_probe import (
 from trainer.api import dataset_location
 from trainer.checkpoints import TrainState, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.encoder_export import export_encoder
-from trainer.models import EncoderConfig, build_encoder, pooled_trunk
+from trainer.model.encoders import EncoderConfig, build_encoder, pooled_trunk
+from trainer.model.export import export_encoder
 
 REPO = Path(__file__).resolve().parent.parent
 DIM = 16

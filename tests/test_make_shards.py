@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from trainer import tar_writer
 from trainer.data.sources import SourceError
-from trainer.make_shards import OutputExistsError, ensure_builtin_dataset, make_shards
+from trainer.shards import tar_writer
+from trainer.shards.make import OutputExistsError, ensure_builtin_dataset, make_shards
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

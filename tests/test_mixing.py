@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from trainer.data import train_loader
+from trainer.data.mixing import LabelMixing, batch_entropy, mixing_warning, shuffled_entropy
 from trainer.data.segments import cut_pieces
-from trainer.make_shards import make_shards
-from trainer.mixing import LabelMixing, batch_entropy, mixing_warning, shuffled_entropy
+from trainer.shards.make import make_shards
 
 CLASSES, PER_CLASS = 10, 200
 

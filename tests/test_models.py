@@ -1,4 +1,4 @@
-"""Tests for trainer.models: encoders, builder, config and the plain-torchvision export."""
+"""Tests for trainer.model.encoders: encoders, builder, config and the plain-torchvision export."""
 
 from __future__ import annotations
 
@@ -15,14 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from trainer.encoder_export import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    export_encoder,
-    load_encoder,
-    read_export_config,
-)
-from trainer.models import (
+from trainer.model.encoders import (
     ARCHS,
     CONVNET_WIDTHS,
     EncoderConfig,
@@ -30,6 +23,13 @@ from trainer.models import (
     SmallConvNet,
     build_encoder,
     encoder_num_params,
+)
+from trainer.model.export import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    export_encoder,
+    load_encoder,
+    read_export_config,
 )
 
 

@@ -145,7 +145,7 @@ def _training_under_way(base: str) -> bool:
 
 def _make_shards(root: Path) -> dict[str, Path]:
     """64 train / 24 test images (16×16 RGB, 4 classes), 2 webdataset shards for training."""
-    from trainer.make_shards import make_shards
+    from trainer.shards.make import make_shards
 
     out = {}
     for split, n, seed in (("train", NUM_TRAIN, 0), ("test", 24, 1)):

@@ -25,7 +25,7 @@ from trainer.checkpoints import (
     save_checkpoint,
 )
 from trainer.data import ShardIndex, eval_loader, train_loader
-from trainer.make_shards import make_shards
+from trainer.shards.make import make_shards
 
 N = 30
 

@@ -21,10 +21,10 @@ from without_ray import no_ray_program
 from featurestore.objectives import Softmax
 from trainer.checkpoints import latest_checkpoint, load_checkpoint
 from trainer.config import ConfigError
+from trainer.experiments.parametric import InstanceClassifier, Parametric, ParametricHead, with_head
 from trainer.flags import parse_config
 from trainer.metrics import read_jsonl
-from trainer.models import EncoderConfig, build_encoder
-from trainer.parametric import InstanceClassifier, Parametric, ParametricHead, with_head
+from trainer.model.encoders import EncoderConfig, build_encoder
 from trainer.plan import resolve_objective
 
 REPO = Path(__file__).resolve().parent.parent

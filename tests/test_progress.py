@@ -19,7 +19,7 @@ import termios
 import time
 from pathlib import Path
 
-from trainer.progress import is_terminal, terminal_bar, terminal_shape
+from trainer.launch.progress import is_terminal, terminal_bar, terminal_shape
 
 REPO = Path(__file__).resolve().parent.parent
 

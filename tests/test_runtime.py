@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.runtime import Collectives, LocalRuntime
+from trainer.launch.runtime import Collectives, LocalRuntime
 
 
 def test_one_local_worker_reduces_to_itself(tmp_path):

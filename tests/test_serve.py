@@ -35,8 +35,8 @@ from knn_service import serve
 from knn_service.http_app import AppSettings, build_app
 from knn_service.query_engine import KnnService
 from knn_service.request_parsing import RequestError, parse_query
-from trainer.encoder_export import export_encoder
-from trainer.models import EncoderConfig, build_encoder
+from trainer.model.encoders import EncoderConfig, build_encoder
+from trainer.model.export import export_encoder
 
 NAMESPACE = "npid-tests"
 N = 30

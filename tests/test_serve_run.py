@@ -21,7 +21,7 @@ from generated_images import colour_class_folder
 from featurestore import snapshot
 from knn_service import serve
 from knn_service.request_parsing import RequestError, parse_query
-from trainer.make_shards import make_shards
+from trainer.shards.make import make_shards
 
 REPO = Path(__file__).resolve().parent.parent
 N = 48

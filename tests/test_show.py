@@ -31,7 +31,7 @@ from knn_service.figures import (
     retrieval_grid_size,
     training_curves,
 )
-from trainer.encoder_export import load_encoder
+from trainer.model.export import load_encoder
 
 
 @pytest.fixture(scope="module")

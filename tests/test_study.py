@@ -17,9 +17,9 @@ from PIL import Image
 from trainer.data.index import ShardIndex
 from trainer.data.segments import read_image_bytes
 from trainer.data.subset import sample_ids, subset_source
-from trainer.make_shards import ensure_builtin_dataset, make_shards
-from trainer.study import STUDIES, StudyError, grid, trial_flags
-from trainer.study_report import markdown, plot
+from trainer.experiments.study import STUDIES, StudyError, grid, trial_flags
+from trainer.experiments.study_report import markdown, plot
+from trainer.shards.make import ensure_builtin_dataset, make_shards
 
 REPO = Path(__file__).resolve().parent.parent
 

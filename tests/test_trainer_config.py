@@ -19,9 +19,9 @@ from trainer.checkpoints import (
 from trainer.config import ConfigError, TrainConfig
 from trainer.flags import parse_config
 from trainer.loop import learning_rate
-from trainer.make_shards import make_shards
 from trainer.metrics import append_jsonl, read_jsonl, truncate_jsonl_after
 from trainer.plan import SOFTMAX_AUTO_MAX_ROWS, make_plan, resolve_objective
+from trainer.shards.make import make_shards
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -293,7 +293,7 @@ def _other_loop(loop_config: dict) -> None:
 
 
 def test_build_trainer_runs_the_given_loop_with_extra_config(tiny_shards, tmp_path):
-    from trainer.driver import build_trainer
+    from trainer.launch.driver import build_trainer
     from trainer.loop import train_loop_per_worker
 
     cfg = parse_config(

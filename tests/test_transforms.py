@@ -1,4 +1,4 @@
-"""trainer.transforms: the presets against the reference lemniscate augmentations."""
+"""trainer.data.transforms: the presets against the reference lemniscate augmentations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from trainer.transforms import (
+from trainer.data.transforms import (
     CIFAR_MEAN,
     CIFAR_STD,
     DIGITS_MEAN,

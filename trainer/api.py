@@ -16,7 +16,7 @@ from trainer.data.decode import decode_image
 from trainer.data.index import ShardIndex, load_index, read_index_table
 from trainer.data.segments import read_image_bytes as read_shard_images
 from trainer.data.sources import builtin_name
-from trainer.encoder_export import CONFIG_FILE, load_encoder, read_export_config
+from trainer.data.transforms import DEFAULT_SIZE, PRESETS, build_transform
 from trainer.evaluation import (
     EVAL_BATCH,
     EvalSetup,
@@ -25,9 +25,9 @@ from trainer.evaluation import (
     extract_features,
     index_from_export,
 )
-from trainer.models import EncoderConfig, build_encoder, pooled_trunk
+from trainer.model.encoders import EncoderConfig, build_encoder, pooled_trunk
+from trainer.model.export import CONFIG_FILE, load_encoder, read_export_config
 from trainer.run_record import local_bank_state, read_run_record
-from trainer.transforms import DEFAULT_SIZE, PRESETS, build_transform
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def dataset_location(location: str, split: str) -> str:
     name = builtin_name(location)
     if name is None:
         return location
-    from trainer.make_shards import ensure_builtin_dataset  # the writer: built-in data only
+    from trainer.shards.make import ensure_builtin_dataset  # the writer: built-in data only
 
     path = ensure_builtin_dataset(split=split, name=name)
     logger.info("built-in dataset %s, %s split: shards at %s", name, split, path)

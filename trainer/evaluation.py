@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from featurestore.knn import KnnIndex, knn_evaluate
-from trainer.augment import build_batch_transform
 from trainer.data import ShardIndex, eval_loader
+from trainer.data.augment import build_batch_transform
 from trainer.data.cache import DecodedDataset
 from trainer.data.memory_loader import CachedLoader
-from trainer.transforms import build_transform
+from trainer.data.transforms import build_transform
 
 logger = logging.getLogger(__name__)
 

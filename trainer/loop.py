@@ -1,10 +1,10 @@
-"""The per-worker training loop, the same under both launchers (:mod:`trainer.runtime`).
+"""The per-worker training loop, the same under both launchers (:mod:`trainer.launch.runtime`).
 
 Each step: encode → ``bank.step_async(f, ids, objective)`` → load the next batch while the
 bank (the store's shards, or the in-process bank) works → ``f.backward(∂loss/∂f)`` →
 optimizer step. Labels are never used for training, only by the kNN evaluation.
 Ray Train runs :func:`train_loop_per_worker` in each worker; ``--launcher local`` runs
-:func:`run_worker` in the launching process with :class:`~trainer.runtime.LocalRuntime`,
+:func:`run_worker` in the launching process with :class:`~trainer.launch.runtime.LocalRuntime`,
 and nothing on that path imports Ray.
 """
 
@@ -23,16 +23,16 @@ import torch
 from featurestore.files import is_url
 from trainer.checkpoints import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import OptimConfig
+from trainer.data.mixing import LabelMixing, mixing_warning
 from trainer.data.order import _mix
-from trainer.encoder_export import export_encoder
 from trainer.evaluation import evaluate, index_from_export
+from trainer.experiments.parametric import head_state, load_head_state
 from trainer.guard import DivergenceWatch, TrainingStoppedError
+from trainer.launch.runtime import Runtime
 from trainer.metrics import append_jsonl, truncate_jsonl_after
-from trainer.mixing import LabelMixing, mixing_warning
-from trainer.models import EncoderConfig
-from trainer.parametric import head_state, load_head_state
+from trainer.model.encoders import EncoderConfig
+from trainer.model.export import export_encoder
 from trainer.run_record import checkpoint_bank
-from trainer.runtime import Runtime
 
 # What a worker holds and how it is built; these names import from here as before.
 from trainer.worker import (  # noqa: F401
@@ -346,7 +346,7 @@ def run_worker(loop_config: dict, runtime: Runtime) -> str | None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point (``loop_config`` as in :func:`run_worker`)."""
-    from trainer.ray_runtime import RayRuntime, worker_logging  # Ray: the worker's context
+    from trainer.launch.ray_runtime import RayRuntime, worker_logging  # Ray: the worker's context
 
     worker_logging(loop_config.get("ray_log_level", "WARNING"))
     run_worker(loop_config, RayRuntime(terminal=loop_config.get("terminal", False)))

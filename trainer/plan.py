@@ -34,11 +34,11 @@ from trainer.config import (
 )
 from trainer.data import ShardIndex
 from trainer.data.cache import decoded_bytes
-from trainer.index_shards import ensure_index, names_shards
-from trainer.make_shards import ensure_builtin_dataset
-from trainer.parametric import KIND as PARAMETRIC
-from trainer.parametric import Parametric
-from trainer.transforms import DEFAULT_SIZE
+from trainer.data.transforms import DEFAULT_SIZE
+from trainer.experiments.parametric import KIND as PARAMETRIC
+from trainer.experiments.parametric import Parametric
+from trainer.shards.index import ensure_index, names_shards
+from trainer.shards.make import ensure_builtin_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if cfg.launcher == "local":
-        from trainer import local as driver  # no Ray on this path
+        from trainer.launch import local as driver  # no Ray on this path
     else:
-        from trainer import driver  # type: ignore[no-redef]
+        from trainer.launch import driver  # type: ignore[no-redef]
 
     from trainer.run_record import record_outcome, write_run_record
 

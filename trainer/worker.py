@@ -2,7 +2,7 @@
 config and plan (:func:`setup`): the model (channels-last, maybe compiled), fused SGD, the
 bank (the store's client, the in-process bank, or none for ``--objective parametric``), the
 datasets, and the training loader of this rank (:func:`train_batches`). Used by
-:mod:`trainer.loop` and, for the data, by :mod:`trainer.finetune_loop`."""
+:mod:`trainer.loop` and, for the data, by :mod:`trainer.experiments.finetune_loop`."""
 
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ from torch import nn
 
 from featurestore import MemoryBank
 from featurestore.bank_protocol import Bank
-from trainer.augment import build_batch_transform
 from trainer.config import OptimConfig, TrainConfig
 from trainer.data import ShardIndex, train_loader
+from trainer.data.augment import build_batch_transform
 from trainer.data.cache import load_decoded
 from trainer.data.device_batches import DeviceBatches, resolve_decode
 from trainer.data.memory_loader import CachedLoader
+from trainer.data.transforms import build_transform
 from trainer.evaluation import EvalSetup, Split
-from trainer.models import EncoderConfig, build_encoder
-from trainer.parametric import InstanceClassifier, with_head
+from trainer.experiments.parametric import InstanceClassifier, with_head
+from trainer.launch.runtime import Metrics, Runtime
+from trainer.model.encoders import EncoderConfig, build_encoder
 from trainer.plan import RunPlan
-from trainer.runtime import Metrics, Runtime
-from trainer.transforms import build_transform
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class Worker:
     @property
     def network(self) -> nn.Module:
         """The model without its torch.compile and DDP wrappers (with --objective parametric
-        the encoder and its classifier, :class:`~trainer.parametric.InstanceClassifier`)."""
+        the encoder and its classifier,
+        :class:`~trainer.experiments.parametric.InstanceClassifier`)."""
         model = getattr(self.model, "_orig_mod", self.model)
         return getattr(model, "module", model)
 

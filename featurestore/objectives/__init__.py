@@ -2,8 +2,9 @@
 one module each: :mod:`.softmax` (exact, all rows), :mod:`.sampled_softmax` (``K`` noise
 rows), :mod:`.nce` (noise-contrastive estimation and its ``Z``). Each computes its partial
 statistics where the rows live and merges them exactly (:class:`.base.Objective`); the
-parametric baseline is a classifier in the trainer (:mod:`trainer.parametric`), not a bank
-objective. ``featurestore.objectives.NCE`` etc. import from here as before.
+parametric baseline is a classifier in the trainer
+(:mod:`trainer.experiments.parametric`), not a bank objective.
+``featurestore.objectives.NCE`` etc. import from here as before.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The shard loader's workers read (and, with ``decode="cpu"``, decode) samples; this module
 turns their batches into training tensors on the device with the same batched augmentation
-as :class:`trainer.data.memory_loader.CachedLoader` (:class:`trainer.augment.BatchTransform`,
+as :class:`trainer.data.memory_loader.CachedLoader` (:class:`trainer.data.augment.BatchTransform`,
 seeded from ``(seed, epoch, rank)``), so the streamed and the in-memory paths differ only in
 the order of the samples:
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.augment import BatchTransform, sample_crops
+from trainer.data.augment import BatchTransform, sample_crops
 from trainer.data.decode import decode_image
 from trainer.data.loaders import ShardLoader
 from trainer.data.order import _SALT_AUGMENT, _mix

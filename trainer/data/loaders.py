@@ -107,7 +107,7 @@ def train_loader(
         dataset: dataset location (directory, URL, ``pipe:`` template) or a loaded index.
         batch_size: ``B`` per rank.
         transform: PIL RGB image -> float tensor ``[3, H, W]`` (e.g.
-            :func:`trainer.transforms.build_transform`); default ``ToTensor()``.
+            :func:`trainer.data.transforms.build_transform`); default ``ToTensor()``.
         rank, world_size: this process's rank and the number of ranks (explicit; no
             ``torch.distributed`` needed).
         num_workers: DataLoader worker processes (0 = in this process).

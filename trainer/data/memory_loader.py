@@ -12,7 +12,7 @@ interface: ``set_epoch``, ``len``, iteration over ``(images, ids, labels)``,
 - **evaluation**: ids in order, rank ``r`` takes ids ``[r*N//W, (r+1)*N//W)``;
 - each batch is gathered where the pixels are (host or device), moved to ``device`` (pinned,
   non-blocking from the host) and transformed there by a
-  :class:`~trainer.augment.BatchTransform` with per-sample parameters from a generator
+  :class:`~trainer.data.augment.BatchTransform` with per-sample parameters from a generator
   seeded by ``(seed, epoch, rank)``.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from trainer.augment import BatchTransform
+from trainer.data.augment import BatchTransform
 from trainer.data.cache import DecodedDataset
 from trainer.data.order import _SALT_AUGMENT, _SALT_PLAN, _mix, steps_per_epoch
 

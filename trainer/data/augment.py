@@ -1,9 +1,9 @@
-"""Batched augmentation: the presets of :mod:`trainer.transforms` on whole uint8 batches.
+"""Batched augmentation: the presets of :mod:`trainer.data.transforms` on whole uint8 batches.
 
 :func:`build_batch_transform` maps a batch of decoded images, uint8 ``[B, H, W, 3]`` on any
-device, to the normalized float ``[B, 3, S, S]`` that :func:`trainer.transforms.build_transform`
-gives image by image, with independent random parameters per sample drawn exactly as
-torchvision draws them:
+device, to the normalized float ``[B, 3, S, S]`` that
+:func:`trainer.data.transforms.build_transform` gives image by image, with independent
+random parameters per sample drawn exactly as torchvision draws them:
 
 - ``RandomResizedCrop(S, scale, ratio=(3/4, 4/3))``: ten attempts at an area fraction
   ``U(scale)`` and a log-uniform aspect ratio, the first one that fits, else the central
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.transforms import (
+from trainer.data.transforms import (
     CIFAR_MEAN,
     CIFAR_STD,
     DEFAULT_SIZE,
@@ -279,7 +279,7 @@ class BatchTransform:
 def build_batch_transform(
     preset: str, train: bool, image_size: int | None = None
 ) -> BatchTransform:
-    """The batched twin of :func:`trainer.transforms.build_transform` (same arguments)."""
+    """The batched twin of :func:`trainer.data.transforms.build_transform` (same arguments)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown transform preset {preset!r}; expected one of {PRESETS}")
     if image_size is not None and image_size <= 0:

@@ -12,11 +12,11 @@ cosine classifier with imprinting lifted both (0.96 and 0.97 after 300 steps). R
 scores the validation data (top-1/top-5) at the end and every ``eval_every`` epochs, writes
 ``OUTPUT/metrics.jsonl`` and the fine-tuned weights. Ray Train runs
 :func:`finetune_loop_per_worker`; ``--launcher local`` runs :func:`run_finetune_worker` in the
-launching process with :class:`~trainer.runtime.LocalRuntime`, and nothing on that path
+launching process with :class:`~trainer.launch.runtime.LocalRuntime`, and nothing on that path
 imports Ray.
 
 ``loop_config`` is ``{"config": TrainConfig, "plan": RunPlan, "finetune": {...}}`` (plain
-dicts): ``finetune`` holds ``encoder`` (an :class:`~trainer.models.EncoderConfig` dict),
+dicts): ``finetune`` holds ``encoder`` (an :class:`~trainer.model.encoders.EncoderConfig` dict),
 ``weights`` (:func:`load_weights`'s source; None from scratch), ``features`` (pooled |
 embedding), ``labelled_ids``, ``eval_every`` and ``trunk_lr_scale``.
 """
@@ -35,23 +35,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from featurestore.files import write_atomic
-from trainer.augment import build_batch_transform
 from trainer.checkpoints import load_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import ShardIndex
+from trainer.data.augment import build_batch_transform
 from trainer.data.cache import DecodedDataset
 from trainer.data.decode import decode_image
 from trainer.data.memory_loader import CachedLoader
 from trainer.data.order import _mix
 from trainer.data.segments import read_image_bytes
-from trainer.encoder_export import WEIGHTS_FILE
+from trainer.data.transforms import build_transform
 from trainer.evaluation import EvalSetup, Split, eval_batches
+from trainer.launch.runtime import Runtime
 from trainer.loop import learning_rate
 from trainer.metrics import append_jsonl
-from trainer.models import EncoderConfig, build_encoder, pooled_trunk
+from trainer.model.encoders import EncoderConfig, build_encoder, pooled_trunk
+from trainer.model.export import WEIGHTS_FILE
 from trainer.plan import RunPlan
-from trainer.runtime import Runtime
-from trainer.transforms import build_transform
 from trainer.worker import load_splits, seed_worker
 
 logger = logging.getLogger(__name__)
@@ -70,11 +70,11 @@ class FinetuneNet(nn.Module):
     """An encoder's features and a linear classifier: ``[B, 3, H, W]`` -> logits ``[B, C]``.
 
     Args:
-        encoder: a :class:`~trainer.models.SmallConvNet` or
-            :class:`~trainer.models.ResNetEncoder` (pretrained or fresh).
+        encoder: a :class:`~trainer.model.encoders.SmallConvNet` or
+            :class:`~trainer.model.encoders.ResNetEncoder` (pretrained or fresh).
         num_classes: ``C``.
         features: ``pooled``: the globally pooled features before the encoder's head
-            (:func:`~trainer.models.pooled_trunk`, 128 to 2048 wide); ``embedding``: its
+            (:func:`~trainer.model.encoders.pooled_trunk`, 128 to 2048 wide); ``embedding``: its
             ``d``-dim unit embedding.
     """
 
@@ -333,7 +333,7 @@ def run_finetune_worker(loop_config: dict, runtime: Runtime) -> dict[str, Any] |
 
 def finetune_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point (``loop_config`` as in :func:`run_finetune_worker`)."""
-    from trainer.ray_runtime import RayRuntime, worker_logging  # Ray: the worker's context
+    from trainer.launch.ray_runtime import RayRuntime, worker_logging  # Ray: the worker's context
 
     worker_logging(loop_config.get("ray_log_level", "WARNING"))
     run_finetune_worker(loop_config, RayRuntime())

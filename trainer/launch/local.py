@@ -1,7 +1,7 @@
 """``python -m trainer.run --launcher local``: the worker loop in this process, without Ray.
 
 The very loop Ray Train runs (:func:`trainer.loop.run_worker`), with one worker, the
-in-process :class:`~featurestore.MemoryBank` and :class:`~trainer.runtime.LocalRuntime`
+in-process :class:`~featurestore.MemoryBank` and :class:`~trainer.launch.runtime.LocalRuntime`
 (checkpoints under ``OUTPUT/ray/<run>/checkpoint_*``, found again by ``--resume``). Nothing
 imported on this path imports Ray, so it runs where Ray is not installed.
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 
 from trainer.config import TrainConfig
 from trainer.guard import TrainingStoppedError
+from trainer.launch.runtime import LocalRuntime
 from trainer.loop import run_worker
 from trainer.plan import RunPlan
-from trainer.runtime import LocalRuntime
 
 
 def run(cfg: TrainConfig, plan: RunPlan) -> None:

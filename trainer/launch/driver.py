@@ -19,9 +19,9 @@ from featurestore import ray_connect
 from trainer.checkpoints import ray_storage
 from trainer.config import ConfigError, TrainConfig
 from trainer.guard import TrainingStoppedError
+from trainer.launch.progress import is_terminal
 from trainer.loop import train_loop_per_worker
 from trainer.plan import RunPlan
-from trainer.progress import is_terminal
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +97,9 @@ def open_store(cfg: TrainConfig, plan: RunPlan, local_ray: bool = False):
 
 def torch_config(backend: str) -> TorchConfig:
     """Ray Train's torch setup; with the local Ray this process started, the workers'
-    rendezvous listens on 127.0.0.1 only (:mod:`trainer.rendezvous`)."""
+    rendezvous listens on 127.0.0.1 only (:mod:`trainer.launch.rendezvous`)."""
     if ray_connect.started_on_loopback():
-        from trainer.rendezvous import LoopbackTorchConfig
+        from trainer.launch.rendezvous import LoopbackTorchConfig
 
         return LoopbackTorchConfig(backend=backend)
     return TorchConfig(backend=backend)

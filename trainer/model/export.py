@@ -21,14 +21,14 @@ from torch import nn
 
 from featurestore.files import write_atomic
 from trainer.data.decode import to_rgb
-from trainer.models import (
+from trainer.data.transforms import build_transform, describe_test_transform
+from trainer.model.encoders import (
     CIFAR_CONV1_KWARGS,
     CONVNET_WIDTHS,
     EncoderConfig,
     build_encoder,
     small_layer_spec,
 )
-from trainer.transforms import build_transform, describe_test_transform
 
 WEIGHTS_FILE = "encoder.pt"
 CONFIG_FILE = "encoder.json"
@@ -169,7 +169,7 @@ def encode_images(out_dir: str | os.PathLike[str], images: Sequence[Image.Image]
     mean/std). Returns ``[n, low_dim]`` float32 unit rows on CPU::
 
         from PIL import Image
-        from trainer.encoder_export import encode_images
+        from trainer.model.export import encode_images
         vectors = encode_images("runs/npid/encoder", [Image.open("cat.jpg")])
     """
     document = read_export_config(out_dir)

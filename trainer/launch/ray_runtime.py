@@ -1,4 +1,4 @@
-"""The Ray Train implementation of :class:`trainer.runtime.Runtime`.
+"""The Ray Train implementation of :class:`trainer.launch.runtime.Runtime`.
 
 # Ray: every Ray call of the worker loop is here (context, DDP preparation, device,
 # the restart checkpoint, report) and in trainer/metrics.py (the metric objects).
@@ -18,9 +18,9 @@ import ray.train.torch
 import torch
 from torch import nn
 
+from trainer.launch.progress import Bar, terminal_bar
+from trainer.launch.runtime import Collectives, Metrics
 from trainer.metrics import train_metrics
-from trainer.progress import Bar, terminal_bar
-from trainer.runtime import Collectives, Metrics
 
 
 def worker_logging(others: str = "WARNING") -> None:
@@ -87,7 +87,7 @@ class RayRuntime(Collectives):
 
 
 class _DriverBar:
-    """:class:`~trainer.progress.Bar` over ``tqdm_ray`` (which has no ``set_postfix``)."""
+    """:class:`~trainer.launch.progress.Bar` over ``tqdm_ray`` (which has no ``set_postfix``)."""
 
     def __init__(self, iterable: Iterable[Any], desc: str, unit: str) -> None:
         self._desc = desc

@@ -4,7 +4,7 @@ The training loop (:mod:`trainer.loop`) asks its :class:`Runtime` for its rank, 
 and device, to place the model (and wrap it for DDP), for the checkpoint to restart from,
 to report a finished epoch (with or without a checkpoint directory) and for the metric
 sink. :class:`LocalRuntime` (here, no Ray) runs the loop in this process:
-``python -m trainer.run --launcher local``. ``trainer.ray_runtime.RayRuntime`` is the Ray
+``python -m trainer.run --launcher local``. ``trainer.launch.ray_runtime.RayRuntime`` is the Ray
 Train implementation, the default and the only multi-worker path.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from trainer.progress import Bar, is_terminal, terminal_bar
+from trainer.launch.progress import Bar, is_terminal, terminal_bar
 
 logger = logging.getLogger(__name__)
 

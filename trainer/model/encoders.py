@@ -17,7 +17,7 @@ Three architectures, picked by name in :func:`build_encoder`:
 
 Models are pure: torch/torchvision only, no device moves, no distributed code, no files.
 Writing and reading an encoder (``encoder.pt`` + ``encoder.json``) is
-:mod:`trainer.encoder_export`; its names stay importable from here.
+:mod:`trainer.model.export`; its names stay importable from here.
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def encoder_num_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-#: Names that moved to :mod:`trainer.encoder_export`; still importable from here.
+#: Names that moved to :mod:`trainer.model.export`; still importable from here.
 _MOVED_TO_EXPORT = frozenset(
     {
         "CONFIG_FILE",
@@ -286,10 +286,10 @@ _MOVED_TO_EXPORT = frozenset(
 
 
 def __getattr__(name: str) -> Any:
-    """The export names, from :mod:`trainer.encoder_export` (imported only when asked for,
+    """The export names, from :mod:`trainer.model.export` (imported only when asked for,
     so this module stays torch/torchvision only)."""
     if name in _MOVED_TO_EXPORT:
-        from trainer import encoder_export
+        from trainer.model import export as encoder_export
 
         return getattr(encoder_export, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

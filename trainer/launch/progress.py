@@ -4,7 +4,7 @@
 :func:`shutil.get_terminal_size`, not from tqdm's own probe: a terminal that reports zero
 columns (``script``, ``docker exec -t`` before a resize, some CI ptys) made tqdm draw a
 bar of width 0, i.e. nothing. Ray Train workers have no terminal; their bar is drawn by
-the driver (:meth:`trainer.ray_runtime.RayRuntime.progress`).
+the driver (:meth:`trainer.launch.ray_runtime.RayRuntime.progress`).
 """
 
 from __future__ import annotations
