@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import uuid
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -195,6 +196,14 @@ class ShardedStore(RowCalls, SnapshotCalls):
         config, actors, infos = find_shards(name, namespace, max_retries, retry_backoff_s)
         client = uuid.uuid4().int >> 65  # 63 bits, never 0 in practice
         self._connect(config, actors, infos, max_retries, retry_backoff_s, client=client or 1)
+
+    @classmethod
+    def from_config(cls, config: StoreConfig, **options: Any) -> ShardedStore:
+        """A new store laid out as ``config`` says (its ``store_id`` is drawn afresh);
+        ``options`` are the client's (``exist_ok``, ``max_retries``, ``retry_backoff_s``,
+        ``ready_timeout_s``)."""
+        layout = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "store_id"}
+        return cls(**layout, **options)
 
     @classmethod
     def attach(

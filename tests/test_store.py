@@ -380,6 +380,31 @@ def test_initial_rows_options(make_store):
     assert all(i["device"] == "cpu" for i in info)
 
 
+def test_a_store_from_its_config_is_the_store_from_the_same_arguments(make_store):
+    import dataclasses
+    import uuid
+
+    from featurestore import ShardedStore
+    from featurestore.shard_protocol import StoreConfig
+
+    by_args = make_store(num_rows=N, dim=D, num_shards=2, seed=3, momentum=0.25)
+    config = StoreConfig(
+        num_rows=N,
+        dim=D,
+        num_shards=2,
+        seed=3,
+        momentum=0.25,
+        name=f"test-store-{uuid.uuid4().hex[:10]}",
+        namespace="npid-tests",
+    )
+    by_config = ShardedStore.from_config(config)
+    make_store.track(by_config)
+    assert torch.equal(all_rows(by_config), all_rows(by_args))
+    ours = dataclasses.replace(by_config.config, store_id="-")
+    assert ours == dataclasses.replace(config, store_id="-")
+    assert by_config.config.store_id != config.store_id  # a new store, a new id
+
+
 def test_metric_definitions_and_recording(ray_cluster):
     defs = store_metrics_module.DEFINITIONS
     assert defs == {

@@ -20,7 +20,8 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.flags import parse_config
 from trainer.loop import learning_rate
 from trainer.metrics import append_jsonl, read_jsonl, truncate_jsonl_after
-from trainer.plan import SOFTMAX_AUTO_MAX_ROWS, make_plan, resolve_objective
+from trainer.model.encoders import EncoderConfig
+from trainer.plan import SOFTMAX_AUTO_MAX_ROWS, RunPlan, make_plan, resolve_objective
 from trainer.shards.make import make_shards
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,6 +153,33 @@ def test_plan_resolves_data(tiny_shards, tmp_path):
     plan = make_plan(cfg)
     assert (plan.num_rows, plan.num_classes, plan.preset) == (60, 3, "cifar")
     assert plan.objective["kind"] == "nce" and plan.create_store
+    # the encoder is resolved once, into the plan: the arch and the stem the preset asks for
+    encoder = plan.encoder_config()
+    assert encoder == EncoderConfig.for_preset(plan.arch, 128, "cifar")
+    assert plan.encoder == encoder.to_dict() == RunPlan.from_dict(plan.to_dict()).encoder
+
+
+def test_the_store_a_run_creates_is_its_bank_component(tiny_shards, tmp_path):
+    from trainer.launch.driver import store_config
+
+    flags = ["--num-shards", "2", "--nce-m", "0.3", "--store-dtype", "bfloat16",
+             "--store-threads", "3", "--seed", "7", "--low-dim", "16"]  # fmt: skip
+    cfg = parse_config(["--data", str(tiny_shards["train"]), "--output", str(tmp_path), *flags])
+    plan = make_plan(cfg)
+    config = store_config(cfg, plan)
+    got = (
+        config.num_rows,
+        config.dim,
+        config.num_shards,
+        config.momentum,
+        config.seed,
+        config.dtype,
+        config.threads_per_shard,
+        config.name,
+        config.num_gpus_per_shard,
+    )
+    assert got == (60, 16, 2, 0.3, 7, "bfloat16", 3, plan.store_name, 0)
+    assert config.snapshot_dir == str(tmp_path / "snapshots")
 
 
 def test_augment_preset_follows_the_data_unless_chosen(tiny_shards, tmp_path):

@@ -30,7 +30,6 @@ from trainer.experiments.parametric import head_state, load_head_state
 from trainer.guard import DivergenceWatch, TrainingStoppedError
 from trainer.launch.runtime import Runtime
 from trainer.metrics import append_jsonl, truncate_jsonl_after
-from trainer.model.encoders import EncoderConfig
 from trainer.model.export import export_encoder
 from trainer.run_record import checkpoint_bank
 
@@ -322,7 +321,7 @@ def _train(w: Worker) -> None:
         _record(w, _final_record(w, epochs, step, evaluate_knn(w, recompute=True)))
     export_encoder(
         w.encoder.cpu(),
-        EncoderConfig.for_preset(w.plan.arch, w.cfg.low_dim, w.plan.preset),
+        w.plan.encoder_config(),
         Path(w.plan.output) / "encoder",
         metadata={"preset": w.plan.preset, "image_size": w.plan.image_size},
     )

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from trainer.data.cache import decoded_bytes
 from trainer.data.transforms import DEFAULT_SIZE
 from trainer.experiments.parametric import KIND as PARAMETRIC
 from trainer.experiments.parametric import Parametric
+from trainer.model.encoders import EncoderConfig
 from trainer.shards.index import ensure_index, names_shards
 from trainer.shards.make import ensure_builtin_dataset
 
@@ -74,6 +75,10 @@ class RunPlan:
     """The global batch size (the dataset's default when ``--batch-size`` is not given)."""
     bank: str = "store"
     """store | local | none: where the bank lives (``--bank auto`` resolved)."""
+    encoder: dict[str, Any] = field(default_factory=dict)
+    """The encoder the workers build and export: an
+    :class:`~trainer.model.encoders.EncoderConfig` as a dict (``arch``, ``low_dim`` and the
+    stem the preset asks for)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (sent to every worker)."""
@@ -83,6 +88,10 @@ class RunPlan:
     def from_dict(cls, data: dict[str, Any]) -> RunPlan:
         """Inverse of :meth:`to_dict`."""
         return cls(**data)
+
+    def encoder_config(self) -> EncoderConfig:
+        """The encoder, typed (see :attr:`encoder`)."""
+        return EncoderConfig.from_dict(self.encoder)
 
     def build_objective(self) -> Objective | None:
         """The bank's objective object; None with ``--objective parametric`` (no bank)."""
@@ -297,6 +306,7 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
         epochs=cfg.resolved_epochs,
         batch_size=cfg.resolved_batch_size,
         bank=cfg.resolved_bank,
+        encoder=EncoderConfig.for_preset(arch, cfg.low_dim, preset).to_dict(),
         objective=objective.to_dict(),
         output=output,
         store_name=store_name,

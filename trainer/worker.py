@@ -25,7 +25,7 @@ from trainer.data.transforms import build_transform
 from trainer.evaluation import EvalSetup, Split
 from trainer.experiments.parametric import InstanceClassifier, with_head
 from trainer.launch.runtime import Metrics, Runtime
-from trainer.model.encoders import EncoderConfig, build_encoder
+from trainer.model.encoders import build_encoder
 from trainer.plan import RunPlan
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def setup(loop_config: dict, runtime: Runtime) -> Worker:
     cfg = TrainConfig.from_dict(loop_config["config"])
     plan = RunPlan.from_dict(loop_config["plan"])
     seed_worker(cfg, runtime)
-    model = build_encoder(**EncoderConfig.for_preset(plan.arch, cfg.low_dim, plan.preset).to_dict())
+    model = build_encoder(**plan.encoder)
     model = with_head(model, plan.objective, plan.num_rows, cfg.low_dim)  # parametric: + head
     # channels_last: oneDNN's and cuDNN's fast convolution layout (README, "Performance").
     model = runtime.prepare_model(model.to(memory_format=torch.channels_last))

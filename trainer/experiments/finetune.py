@@ -278,9 +278,7 @@ def make_finetune(args: argparse.Namespace) -> tuple[TrainConfig, Any, dict[str,
             raise ConfigError(f"--checkpoint {args.checkpoint} is of arch {encoder['arch']}, "
                               f"not --arch {args.arch}")  # fmt: skip
     else:
-        from trainer.model.encoders import EncoderConfig
-
-        encoder = EncoderConfig.for_preset(plan.arch, cfg.low_dim, plan.preset).to_dict()
+        encoder = plan.encoder
     if args.from_scratch:
         weights = None
     epochs = args.epochs or default_epochs(len(ids), args.batch_size)

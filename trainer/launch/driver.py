@@ -16,6 +16,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from featurestore import ray_connect
+from featurestore.shard_protocol import StoreConfig
 from trainer.checkpoints import ray_storage
 from trainer.config import ConfigError, TrainConfig
 from trainer.guard import TrainingStoppedError
@@ -81,7 +82,13 @@ def open_store(cfg: TrainConfig, plan: RunPlan, local_ray: bool = False):
                 f"rows but --data has ids up to {plan.num_rows - 1}"
             )
         return store
-    return ShardedStore(
+    return ShardedStore.from_config(store_config(cfg, plan, local_ray))
+
+
+def store_config(cfg: TrainConfig, plan: RunPlan, local_ray: bool = False) -> StoreConfig:
+    """The store a run creates: the bank component (``--num-shards --nce-m --store-dtype
+    --store-threads --store-gpus-per-shard``) laid over the plan's rows, name and output."""
+    return StoreConfig(
         num_rows=plan.num_rows,
         dim=cfg.low_dim,
         num_shards=cfg.num_shards,
