@@ -2,7 +2,13 @@
 SIGKILLed, a Ray Train worker SIGKILLed, the driver stopped with ``ray job stop`` and the
 run resubmitted with ``--resume``, on a token-authenticated head on loopback. The run must
 finish by itself, every epoch recorded once, each fault followed by lines that say what
-happened and what was done, and the encoder still learning."""
+happened and what was done, and the encoder still learning.
+
+In the long tier (``pytest -m long``, about 3 min): on the default path each fault is guarded
+by a faster test of its own, ``test_trainer_e2e`` (a Ray Train worker killed, a run
+interrupted and resumed), ``test_store_faults`` (a shard killed mid-run restarts from its
+snapshot, Z and step counter kept) and ``test_job_submit`` (the run under ``ray job
+submit``)."""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.long]
 
 EPOCHS = 6
 

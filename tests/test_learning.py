@@ -163,8 +163,13 @@ def cifar_run(cifar_subset, tmp_path_factory) -> tuple[tuple[float, ...], Path]:
     return _learning(cifar_subset, CIFAR_RUN, "cifar", output), output
 
 
+#: The CIFAR-10 learning tests (about 5 min) are in the long tier (``pytest -m long``): the
+#: digits test above guards learning on the default path (the same trainer, objective and
+#: margins over the start and over raw pixels), ``test_finetune`` the fine-tuning claim on
+#: digits and ``test_cifar_data`` the real JPEG shards.
 @pytest.mark.cifar
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.io.image")
 def test_cifar_subset_learns_features_better_than_its_start_and_its_input(cifar_run):
     (start, bank, end, pixels), _ = cifar_run
@@ -184,6 +189,7 @@ FINETUNE_SEEDS = ("0", "1")
 
 @pytest.mark.cifar
 @pytest.mark.slow
+@pytest.mark.long
 def test_cifar_fine_tuning_from_the_npid_run_beats_scratch_at_ten_percent_labels(
     cifar_run, cifar_subset, tmp_path, capsys
 ):

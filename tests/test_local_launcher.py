@@ -5,6 +5,7 @@ with one line and exit code 1, keeping its last checkpoint."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,15 @@ def test_non_finite_features_stop_the_run_with_one_line_and_keep_the_checkpoint(
     assert state.epoch == 1  # the last good checkpoint, intact and loadable
 
 
+@pytest.fixture(scope="module")
+def one_epoch_run(shards, tmp_path_factory) -> Path:
+    """The output of a one-epoch run (its checkpoint is what the refusals resume)."""
+    out = tmp_path_factory.mktemp("one-epoch") / "run"
+    first = _run(shards, out, "--epochs", "1", "--eval-every", "0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    return out
+
+
 @pytest.mark.parametrize(
     ("changed", "says"),
     [
@@ -110,11 +120,10 @@ def test_non_finite_features_stop_the_run_with_one_line_and_keep_the_checkpoint(
     ],
 )
 def test_resume_refuses_a_checkpoint_of_another_bank_or_seed_in_one_line(
-    shards, tmp_path, changed, says
+    shards, one_epoch_run, tmp_path, changed, says
 ):
     out = tmp_path / "run"
-    first = _run(shards, out, "--epochs", "1", "--eval-every", "0")
-    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(one_epoch_run, out)  # each refusal against the same checkpoint
     again = _run(shards, out, "--epochs", "2", "--resume", "--eval-every", "0", *changed)
     assert again.returncode == 2
     lines = again.stderr.strip().splitlines()

@@ -1,20 +1,25 @@
-"""A local Ray that npid starts listens on loopback only, and so does the training
-workers' torch rendezvous: every listening socket of a default ``python -m trainer.run``
-(the driver and every process under it: GCS, raylet, agents, dashboard, the store's
-shard actor, the Ray Train workers) is sampled while it trains; its log has no
-error-level line (Ray Train's preemption watcher logged one on a one-machine Ray)."""
+"""A default Ray run, as a user starts it on a terminal (a real pty of 120 x 30).
+
+- A local Ray that npid starts listens on loopback only, and so does the training workers'
+  torch rendezvous: every listening socket of the run (the driver and every process under
+  it: GCS, raylet, agents, dashboard, the store's shard actor, the Ray Train workers) is
+  sampled while it trains.
+- Its log has no error-level line (Ray Train's preemption watcher logged one on a
+  one-machine Ray) and none of Ray Train's per-epoch lines.
+- The worker's progress bar is drawn by the driver on that terminal.
+
+One run checks all three (a Ray run costs about a minute on 2 cores)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from terminal import run_on_a_terminal
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -33,33 +38,22 @@ def _listening(root: psutil.Process) -> set[tuple[str, int, str]]:
     return found
 
 
-def _sample_run(args: list[str], env: dict[str, str], timeout: float = 300):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer.run", *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    seen: set[tuple[str, int, str]] = set()
-    deadline = time.monotonic() + timeout
-    root = psutil.Process(proc.pid)
-    while proc.poll() is None and time.monotonic() < deadline:
-        seen |= _listening(root)
-        time.sleep(0.3)
-    if proc.poll() is None:
-        proc.kill()
-    out = proc.communicate()[0]
-    return proc.returncode, out, seen
-
-
 @pytest.mark.ray
-def test_a_default_run_listens_on_loopback_only(tmp_path):
+def test_a_default_run_on_a_terminal_listens_on_loopback_only_and_draws_a_quiet_bar(tmp_path):
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")  # a user's shell
     }
-    code, out, seen = _sample_run(
-        ["--epochs", "3", "--num-workers", "2", "--output", str(tmp_path / "run")], env
-    )
+    seen: set[tuple[str, int, str]] = set()
+
+    def sample(pid: int) -> None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            seen.update(_listening(psutil.Process(pid)))
+
+    args = ["-m", "trainer.run", "--epochs", "3", "--num-workers", "2",
+            "--output", str(tmp_path / "run")]  # fmt: skip
+    code, out = run_on_a_terminal(args, (30, 120), timeout=400, env=env, while_running=sample)
     assert code == 0, out[-3000:]
     names = " ".join(name for _, _, name in seen)
     assert "gcs_server" in names and "raylet" in names, sorted(seen)
@@ -68,6 +62,19 @@ def test_a_default_run_listens_on_loopback_only(tmp_path):
     assert not exposed, f"listening beyond loopback: {exposed}"
     errors = [line for line in out.splitlines() if re.search(r"\d E \d+ \d+\]|\bERROR\b", line)]
     assert not errors, errors  # a default run logs no error-level line
+    # the worker's bar, on the driver's terminal
+    assert re.search(r"epoch [123]/3.*\d+%\|", out), out[-3000:]
+    for noise in (
+        "Reporting training result",  # Ray Train, twice an epoch before
+        "Checkpoint successfully created",
+        "Requesting resources",
+        "snapshot at step",  # the store, once an epoch
+    ):
+        assert noise not in out, noise
+    # tqdm_ray's own state print reached the console as an empty worker line
+    assert not re.search(r"\(RayTrainWorker pid=\d+\)\x1b\[0m *\r?\n", out)
+    epochs = re.findall(r"npid \{'epoch': (\d+)", out)
+    assert epochs[:4] == ["0", "1", "2", "3"], out[-3000:]
 
 
 @pytest.mark.parametrize(

@@ -166,7 +166,9 @@ def test_interrupted_run_resumes_step_count_and_metrics(shards, tmp_path):
     assert "resumed at epoch" in resumed.stdout + resumed.stderr
 
 
-@pytest.mark.parametrize("scheme", ["s3", "gs"])
+#: gs:// is in the long tier: on the default path s3:// runs the same fsspec path end to end
+#: and ``test_object_storage`` reads the index, loaders and checkpoints on both schemes.
+@pytest.mark.parametrize("scheme", ["s3", pytest.param("gs", marks=pytest.mark.long)])
 def test_object_storage_data_and_checkpoints_then_resume(shards, tmp_path, request, scheme):
     """--data/--val-data and --storage-path on s3:// (moto's S3 server) or gs:// (gcsfs
     against gcp-storage-emulator), both on 127.0.0.1: the workers train on the bucket's
