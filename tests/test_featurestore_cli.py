@@ -200,15 +200,3 @@ def test_a_started_store_listens_on_loopback_only_and_no_output_shows_the_token(
             assert token not in result.stdout + result.stderr
     finally:
         _store(head.env, "stop", "--name", "scan")
-
-
-def test_a_default_run_beside_another_ray_uses_its_own_and_is_not_confused(head, tmp_path):
-    """Another Ray runs on the machine (the head): Ray Train's placement-group cleaner asked
-    the state API for "the" cluster and printed "Found multiple active Ray instances"."""
-    env = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")}
-    env.pop("RAY_ADDRESS")
-    run = _cli(env, "-m", "trainer.run", "--epochs", "1", "--output", str(tmp_path / "run"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = run.stdout + run.stderr
-    assert "started a local Ray instance on 127.0.0.1" in out
-    assert "Found multiple active Ray instances" not in out and "Traceback" not in out, out

@@ -7,8 +7,11 @@
 - Its log has no error-level line (Ray Train's preemption watcher logged one on a
   one-machine Ray) and none of Ray Train's per-epoch lines.
 - The worker's progress bar is drawn by the driver on that terminal.
+- Another Ray runs on the machine (a token-authenticated head): the run starts its own and
+  is not confused by the other (Ray Train's placement-group cleaner asked the state API for
+  "the" cluster and printed "Found multiple active Ray instances").
 
-One run checks all three (a Ray run costs about a minute on 2 cores)."""
+One run checks all four (a Ray run costs about a minute on 2 cores)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ray_head import token_head
 from terminal import run_on_a_terminal
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,12 +42,22 @@ def _listening(root: psutil.Process) -> set[tuple[str, int, str]]:
     return found
 
 
+@pytest.fixture(scope="module")
+def other_ray(tmp_path_factory):
+    """Another Ray on this machine: a token-authenticated head on loopback."""
+    with token_head(tmp_path_factory.mktemp("other-ray-cache")) as running:
+        yield running
+
+
 @pytest.mark.ray
-def test_a_default_run_on_a_terminal_listens_on_loopback_only_and_draws_a_quiet_bar(tmp_path):
-    env = {
+def test_a_default_run_on_a_terminal_listens_on_loopback_only_and_draws_a_quiet_bar(
+    other_ray, tmp_path
+):
+    env = {  # a user's shell: none of the test session's Ray settings, no token
         k: v
         for k, v in os.environ.items()
-        if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")  # a user's shell
+        if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")
+        and not k.startswith("RAY_AUTH")
     }
     seen: set[tuple[str, int, str]] = set()
 
@@ -62,6 +76,9 @@ def test_a_default_run_on_a_terminal_listens_on_loopback_only_and_draws_a_quiet_
     assert not exposed, f"listening beyond loopback: {exposed}"
     errors = [line for line in out.splitlines() if re.search(r"\d E \d+ \d+\]|\bERROR\b", line)]
     assert not errors, errors  # a default run logs no error-level line
+    # beside the other Ray: its own instance, not confused by the other one
+    assert "started a local Ray instance on 127.0.0.1" in out, out[-3000:]
+    assert "Found multiple active Ray instances" not in out and "Traceback" not in out
     # the worker's bar, on the driver's terminal
     assert re.search(r"epoch [123]/3.*\d+%\|", out), out[-3000:]
     for noise in (
