@@ -3,12 +3,13 @@
 import importlib
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
 from trainer import _moved
 
-REPO_TRAINER = __import__("pathlib").Path(__file__).resolve().parents[1] / "trainer"
+REPO_TRAINER = Path(__file__).resolve().parents[1] / "trainer"
 
 #: the commands that moved: a small file each, since ``python -m`` needs one
 COMMANDS = {

@@ -15,6 +15,7 @@ import importlib.abc
 import importlib.machinery
 import sys
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
 
 #: old module name -> new module name
@@ -58,7 +59,10 @@ class _AliasLoader(importlib.abc.Loader):
 class _MovedFinder(importlib.abc.MetaPathFinder):
     """Finds the old names of :data:`MOVED` and nothing else."""
 
-    def find_spec(self, fullname, path=None, target=None):
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        """The alias spec of an old name of :data:`MOVED`; None for every other name."""
         new = MOVED.get(fullname)
         if new is None:
             return None
